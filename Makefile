@@ -1,0 +1,32 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_VERSION := 25.3
+
+.PHONY: demo test lint format venv clean
+
+venv: $(VENV)/.installed
+
+# Re-installs when pyproject.toml changes; exact pins keep it to the CPU torch wheel.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
+	$(VENV)/bin/pip install --quiet -e '.[serve,train,dev]'
+	touch $@
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv lint
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cog outputs

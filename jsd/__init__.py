@@ -1,0 +1,16 @@
+"""jsd — Japanese Stable Diffusion (rinna) on diffusers: tokenizer, pipelines, loading."""
+
+from jsd.pipelines import (
+    JapaneseStableDiffusionImg2ImgPipeline,
+    JapaneseStableDiffusionInpaintPipeline,
+    JapaneseStableDiffusionPipeline,
+)
+from jsd.tokenizer import JapaneseTokenizer
+
+__all__ = [
+    "JapaneseStableDiffusionImg2ImgPipeline",
+    "JapaneseStableDiffusionInpaintPipeline",
+    "JapaneseStableDiffusionPipeline",
+    "JapaneseTokenizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,40 @@
+"""Write a tiny (or full-size) seeded checkpoint in the served layout.
+
+    python scripts/make_tiny_weights.py weights/
+    python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
+    python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from jsd.tiny import make_checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dest", help="folder to write (created)")
+    parser.add_argument("--tokenizer", help="sentencepiece model to use (default: train one on jsd's corpus)")
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nsfw", choices=["never", "always"], default="never", help="safety checker flagging")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    dest = make_checkpoint(
+        args.dest,
+        tokenizer_model=args.tokenizer,
+        size=args.size,
+        seed=args.seed,
+        nsfw=args.nsfw,
+        torch_dtype=getattr(torch, args.dtype),
+    )
+    print(f"wrote {args.size} checkpoint (seed {args.seed}) to {dest} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
