@@ -43,9 +43,7 @@ def resolve_checkpoint(
     from huggingface_hub import snapshot_download
 
     return Path(
-        snapshot_download(
-            str(path_or_repo_id), token=token, revision=revision, local_files_only=local_files_only
-        )
+        snapshot_download(str(path_or_repo_id), token=token, revision=revision, local_files_only=local_files_only)
     )
 
 

@@ -29,11 +29,8 @@ def sha256_file(path: Path) -> str:
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """Every file of the checkpoint, the manifest itself and hidden files excluded."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST_FILE and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    hidden = lambda p: any(part.startswith(".") for part in p.relative_to(folder).parts)  # noqa: E731
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE and not hidden(p))
 
 
 def write_manifest(folder: str | Path, *, source: str, revision: str) -> Path:

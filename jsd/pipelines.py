@@ -49,9 +49,7 @@ class JapanesePipelineMixin:
             )
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negatives = _negative_texts(negative_prompt, prompt, prompt_embeds.shape[0])
-            negative_prompt_embeds = prompting.encode_texts(
-                self.tokenizer, self.text_encoder, negatives, device=device
-            )
+            negative_prompt_embeds = prompting.encode_texts(self.tokenizer, self.text_encoder, negatives, device=device)
         # diffusers does the rest: dtype, num_images_per_prompt duplication, LoRA scale bookkeeping.
         return super().encode_prompt(
             None,

@@ -16,6 +16,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import sentencepiece as spm
@@ -41,7 +42,7 @@ class JapaneseTokenizer:
         unk_token: piece of unknown text.
     """
 
-    model_input_names = ["input_ids", "attention_mask"]
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
 
     def __init__(
         self,
@@ -156,7 +157,7 @@ class JapaneseTokenizer:
         if truncation:
             limit = self.model_max_length if max_length is None else max_length
             pieces = pieces[: max(limit - 1, 0)]
-        return pieces + [self.eos_token_id]
+        return [*pieces, self.eos_token_id]
 
     def encode(
         self, text: str, *, max_length: int | None = None, truncation: bool = True, padding: bool | str = False

@@ -1,0 +1,121 @@
+"""Command line: ``python -m jsd generate "プロンプト" -o out.png``.
+
+python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
+python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
+python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_WEIGHTS = os.environ.get("JSD_WEIGHTS", "weights")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``jsd: error: …`` with exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jsd", description="Japanese Stable Diffusion (rinna) on diffusers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate images from a Japanese prompt")
+    gen.add_argument("prompt", help='the prompt, e.g. "サラリーマン 油絵"')
+    gen.add_argument("--negative_prompt", "--negative-prompt", default=None)
+    gen.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint folder (default: $JSD_WEIGHTS or weights/)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed)")
+    gen.add_argument("--steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=25)
+    gen.add_argument("--guidance_scale", "--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--num_outputs", "--num-outputs", type=int, default=1)
+    gen.add_argument("--scheduler", default=None, help="scheduler name (default: the serving default)")
+    gen.add_argument("--image", type=Path, help="init image: img2img, or inpaint with --mask")
+    gen.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
+    gen.add_argument("--strength", "--prompt_strength", dest="prompt_strength", type=float, default=0.8)
+    gen.add_argument("--disable_safety_checker", action="store_true")
+    gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Load the checkpoint, generate, write the images, print the seeds."""
+    import random
+
+    import torch
+
+    from jsd import pipelines
+
+    weights = Path(args.weights)
+    if not weights.is_dir():
+        raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
+    if args.mask is not None and args.image is None:
+        raise CLIError("--mask needs --image: inpainting repaints the masked part of an image")
+    # Read the images before loading any model, so a bad path costs nothing.
+    size = (args.width, args.height)
+    image = _open_image(args.image, "--image").convert("RGB").resize(size) if args.image else None
+    mask = _open_image(args.mask, "--mask").convert("L").resize(size) if args.mask else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = pipelines.JapaneseStableDiffusionPipeline.from_pretrained(
+        weights, torch_dtype=dtype, safety_checker=not args.disable_safety_checker
+    ).to(device)
+    seed = args.seed if args.seed is not None else random.randrange(2**63)
+    print(f"seed: {seed}")
+    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(args.num_outputs)]
+    common = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "num_images_per_prompt": args.num_outputs,
+        "generator": generators,
+    }
+    if image is None:
+        result = pipe(height=args.height, width=args.width, **common)
+    else:
+        if mask is None:
+            cls, extra = pipelines.JapaneseStableDiffusionImg2ImgPipeline, {}
+        else:
+            cls, extra = pipelines.JapaneseStableDiffusionInpaintPipeline, {"mask_image": mask}
+        result = cls(**pipe.components)(image=image, strength=args.prompt_strength, **extra, **common)
+    _save(result, args.output, seed)
+
+
+def _open_image(path: Path, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as err:
+        raise CLIError(f"{flag} {path}: not a readable image ({err})") from err
+    return image
+
+
+def _save(result, output: Path, seed: int) -> None:
+    flagged = getattr(result, "nsfw_content_detected", None) or [False] * len(result.images)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for i, (image, nsfw) in enumerate(zip(result.images, flagged, strict=True)):
+        path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
+        if nsfw:
+            print(f"image {i} (seed {seed + i}) was flagged by the safety checker and not saved")
+            continue
+        image.save(path)
+        print(f"wrote {path} (seed {seed + i})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CLIError as err:
+        parser.exit(2, f"jsd: error: {err}\n")
+    except KeyboardInterrupt:
+        sys.exit(130)
