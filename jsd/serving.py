@@ -1,0 +1,413 @@
+"""Serving: one request in, checked images out — the logic behind Cog's ``predict.py`` and ``jsd generate``.
+
+Typical use::
+
+    pipe = load_pipeline("weights")                      # CUDA fp16 if available, else CPU fp32
+    generator = ImageGenerator(pipe, model_revision="…")
+    result = generator.generate(GenerationRequest(prompt="サラリーマン 油絵", num_outputs=2, seed=42))
+    paths = result.save("outputs")                       # PNG/WebP/JPEG with the settings embedded
+
+What a user can rely on:
+
+- every input is checked by :meth:`GenerationRequest.validate` before any model work, and a bad one
+  raises :class:`InputError` naming the input, the value and what is allowed;
+- image ``i`` of a request uses its own generator seeded ``seed + i``, so it can be reproduced alone
+  with ``num_outputs=1`` and ``seed=seed + i``;
+- a new scheduler is built for every call, so no sampler state leaks from one request into the next;
+- NSFW is judged per image: flagged images are dropped, and only a request whose images are all
+  flagged fails (:class:`NSFWError`);
+- CUDA out-of-memory frees the cache and raises :class:`GenerationError`; the next call works.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+from xml.sax.saxutils import escape
+
+import torch
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from jsd.pipelines import (
+    JapaneseStableDiffusionImg2ImgPipeline,
+    JapaneseStableDiffusionInpaintPipeline,
+    JapaneseStableDiffusionPipeline,
+)
+from jsd.schedulers import DEFAULT_SCHEDULER, check_scheduler_name, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "サラリーマン 油絵"
+OUTPUT_FORMATS = ("webp", "png", "jpg")
+SIZE_STEP = 64  # SD v1's VAE downsamples by 8 and the UNet by 8 more: sides must be multiples of 64
+MIN_SIDE, MAX_SIDE = 128, 1024
+MAX_OUTPUTS = 4
+MAX_STEPS = 100
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**63 - 1  # a random seed is 63 bits; seed + 3 still fits torch's 64-bit generator
+# Pixel budget for one request on a 16 GB T4 (fp16, SDPA attention): the weights take about 2.6 GB
+# and the activations of the UNet (classifier-free guidance doubles the batch) and of the VAE decoder
+# (it decodes the whole batch at once) grow with width × height × num_outputs. Four 768×768 images
+# (2,359,296 pixels) keep the peak well under the T4's 15 GiB usable memory; anything larger
+# is refused before it reaches the GPU. Single images may be up to 1024×1024 (and 1024×768 twice).
+MAX_PIXELS = 4 * 768 * 768
+
+
+class InputError(ValueError):
+    """A request input is invalid; the message names the input, the value and what is allowed."""
+
+
+class GenerationError(RuntimeError):
+    """Generation failed for a reason the user can act on (out of memory, every image flagged)."""
+
+
+class NSFWError(GenerationError):
+    """Every image of the request was flagged by the safety checker."""
+
+
+@dataclass
+class GenerationRequest:
+    """Everything a user chooses for one generation (diffusers' names; Cog's inputs map onto these)."""
+
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    num_outputs: int = 1
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = DEFAULT_SCHEDULER
+    seed: int | None = None  # None: a random 63-bit seed
+    image: str | os.PathLike | Image.Image | None = None  # img2img (or inpaint with ``mask``)
+    mask: str | os.PathLike | Image.Image | None = None  # inpaint: white is repainted, black kept
+    prompt_strength: float = 0.8  # how much of ``image`` (or the masked area) is replaced
+    output_format: str = "webp"
+    output_quality: int = 90  # webp/jpg only
+    disable_safety_checker: bool = False
+
+    def validate(self) -> ValidatedRequest:
+        """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one."""
+        _check_text("prompt", self.prompt)
+        _check_text("negative_prompt", self.negative_prompt)
+        for name in ("width", "height"):
+            value = _check_int(name, getattr(self, name), MIN_SIDE, MAX_SIDE)
+            if value % SIZE_STEP:
+                raise InputError(
+                    f"`{name}` must be a multiple of {SIZE_STEP} between {MIN_SIDE} and {MAX_SIDE}, got {value}."
+                )
+        _check_int("num_outputs", self.num_outputs, 1, MAX_OUTPUTS)
+        _check_pixel_budget(self.width, self.height, self.num_outputs)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        _check_float("guidance_scale", self.guidance_scale, 1.0, MAX_GUIDANCE)
+        try:
+            check_scheduler_name(self.scheduler)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        seed = secrets.randbits(63) if self.seed is None else _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_float("prompt_strength", self.prompt_strength, 0.0, 1.0)
+        if not isinstance(self.output_format, str) or self.output_format not in OUTPUT_FORMATS:
+            raise InputError(f"`output_format` must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}.")
+        _check_int("output_quality", self.output_quality, 1, 100)
+        if not isinstance(self.disable_safety_checker, bool):
+            raise InputError(f"`disable_safety_checker` must be true or false, got {self.disable_safety_checker!r}.")
+        image, mask = self._decode_images()
+        return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
+
+    def _decode_images(self) -> tuple[Image.Image | None, Image.Image | None]:
+        if self.mask is not None and self.image is None:
+            raise InputError("`mask` was given without `image`: inpainting needs the image to repaint.")
+        if self.image is None:
+            return None, None
+        steps_run = int(self.num_inference_steps * self.prompt_strength)
+        if steps_run < 1:
+            raise InputError(
+                f"`prompt_strength` {self.prompt_strength} × `num_inference_steps` {self.num_inference_steps} "
+                "leaves no denoising step for `image`: raise either so that their product is at least 1."
+            )
+        size = (self.width, self.height)
+        image = load_image("image", self.image, "RGB").resize(size, Image.Resampling.LANCZOS)
+        mask = None if self.mask is None else load_image("mask", self.mask, "L").resize(size, Image.Resampling.NEAREST)
+        return image, mask
+
+
+@dataclass
+class ValidatedRequest:
+    """A checked request: the seed is fixed and ``image``/``mask`` are decoded and resized to width × height."""
+
+    request: GenerationRequest
+    seed: int
+    image: Image.Image | None
+    mask: Image.Image | None
+
+    @property
+    def mode(self) -> Literal["txt2img", "img2img", "inpaint"]:
+        if self.image is None:
+            return "txt2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image: ``seed + i``."""
+        return [self.seed + i for i in range(self.request.num_outputs)]
+
+
+@dataclass
+class GeneratedImage:
+    """One returned image and the settings that reproduce it alone (``num_outputs=1``, this ``seed``)."""
+
+    image: Image.Image
+    seed: int
+    index: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    """The images that passed the safety checker, and the seeds of those that did not."""
+
+    images: list[GeneratedImage]
+    flagged_seeds: list[int]
+    seeds: list[int]
+    output_format: str
+    output_quality: int
+    inference_seconds: float
+
+    def save(self, folder: str | os.PathLike, *, stem: str = "out") -> list[Path]:
+        """Write every image to ``folder`` as ``{stem}-{index}.{format}`` with its settings embedded."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for item in self.images:
+            path = folder / f"{stem}-{item.index}.{self.output_format}"
+            save_image(item.image, path, metadata=item.metadata, quality=self.output_quality)
+            paths.append(path)
+        return paths
+
+
+def load_pipeline(folder: str | os.PathLike, *, device: str | torch.device | None = None):
+    """Load a served checkpoint folder once: CUDA in fp16 when available, else CPU in fp32. No network.
+
+    Args:
+        folder: the served layout (safetensors only), e.g. ``weights/``.
+        device: overrides the automatic choice; fp16 is used on CUDA only (a T4 has no bf16).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = JapaneseStableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+    )
+    return pipe.to(device)
+
+
+class ImageGenerator:
+    """Generates images for :class:`GenerationRequest`\\ s with one loaded text-to-image pipeline.
+
+    img2img and inpainting reuse the same loaded models (``Cls(**pipe.components)``): nothing is
+    loaded twice. The pipeline for each call is assembled fresh around a fresh scheduler, so nothing
+    set during one request (scheduler state, a disabled safety checker) is seen by the next.
+    """
+
+    def __init__(self, pipeline: JapaneseStableDiffusionPipeline, *, model_revision: str = "unknown") -> None:
+        self.pipeline = pipeline
+        self.model_revision = model_revision
+        self._scheduler_config = dict(pipeline.scheduler.config)
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return self.pipeline.safety_checker is not None
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Validate ``request``, generate its images and drop those the safety checker flags.
+
+        Raises:
+            InputError: an input is invalid (raised before any model work).
+            NSFWError: every image was flagged.
+            GenerationError: CUDA ran out of memory (the memory is freed first).
+        """
+        checked = request.validate()
+        logger.info("Generating %d image(s) with seeds %s", request.num_outputs, checked.seeds)
+        pipe = self._assemble(checked)
+        start = time.perf_counter()
+        output = self._run(pipe, checked)
+        seconds = time.perf_counter() - start
+        return self._collect(checked, output, seconds)
+
+    def _assemble(self, checked: ValidatedRequest):
+        cls = {
+            "txt2img": JapaneseStableDiffusionPipeline,
+            "img2img": JapaneseStableDiffusionImg2ImgPipeline,
+            "inpaint": JapaneseStableDiffusionInpaintPipeline,
+        }[checked.mode]
+        components = dict(self.pipeline.components)
+        components["scheduler"] = make_scheduler(checked.request.scheduler, self._scheduler_config)
+        safety = not checked.request.disable_safety_checker and self.has_safety_checker
+        if not safety:
+            components["safety_checker"] = None
+        pipe = cls(**components, requires_safety_checker=safety)
+        pipe.set_progress_bar_config(**getattr(self.pipeline, "_progress_bar_config", {}))
+        return pipe
+
+    def _run(self, pipe, checked: ValidatedRequest):
+        request = checked.request
+        # CPU generators: the starting noise for a seed is the same on every device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in checked.seeds]
+        kwargs = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale,
+            "num_images_per_prompt": request.num_outputs,
+            "generator": generators,
+        }
+        if checked.mode == "txt2img":
+            kwargs |= {"width": request.width, "height": request.height}
+        else:
+            kwargs |= {"image": checked.image, "strength": request.prompt_strength}
+        if checked.mode == "inpaint":
+            kwargs |= {"mask_image": checked.mask, "width": request.width, "height": request.height}
+        try:
+            return pipe(**kwargs)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below: once the except block ends, its traceback no longer holds the tensors
+        free_accelerator_memory()
+        raise GenerationError(
+            f"CUDA ran out of memory generating {request.num_outputs} image(s) of {request.width}×"
+            f"{request.height}: lower `num_outputs`, `width` or `height` and try again."
+        )
+
+    def _collect(self, checked: ValidatedRequest, output, seconds: float) -> GenerationResult:
+        request = checked.request
+        flags = output.nsfw_content_detected or [False] * len(output.images)
+        kept, flagged = [], []
+        for index, (image, seed, nsfw) in enumerate(zip(output.images, checked.seeds, flags, strict=True)):
+            if nsfw:
+                logger.warning("Image %d (seed %d) was flagged by the safety checker and is not returned.", index, seed)
+                flagged.append(seed)
+                continue
+            kept.append(GeneratedImage(image=image, seed=seed, index=index, metadata=self.metadata(request, seed)))
+        if not kept:
+            raise NSFWError(
+                f"All {len(flagged)} image(s) were flagged as NSFW by the safety checker (seeds "
+                f"{', '.join(map(str, flagged))}); nothing is returned. Try another prompt or seed."
+            )
+        return GenerationResult(
+            images=kept,
+            flagged_seeds=flagged,
+            seeds=checked.seeds,
+            output_format=request.output_format,
+            output_quality=request.output_quality,
+            inference_seconds=seconds,
+        )
+
+    def metadata(self, request: GenerationRequest, seed: int) -> dict[str, str]:
+        """The settings embedded in an output file: enough to reproduce that one image."""
+        settings = asdict(request)
+        fields = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "width", "height")
+        meta = {name: str(settings[name]) for name in fields}
+        meta |= {"seed": str(seed), "model_revision": self.model_revision}
+        if request.image is not None:
+            meta |= {"mode": "inpaint" if request.mask is not None else "img2img"}
+            meta |= {"prompt_strength": str(request.prompt_strength)}
+        return meta
+
+
+def free_accelerator_memory() -> None:
+    """Release cached CUDA memory after an out-of-memory error, so the next request can run."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_image(name: str, value: str | os.PathLike | Image.Image, mode: str) -> Image.Image:
+    """Decode an input image fully (``mode`` "RGB" or "L"), or raise :class:`InputError` naming ``name``."""
+    if isinstance(value, Image.Image):
+        return ImageOps.exif_transpose(value).convert(mode)
+    try:
+        with Image.open(value) as image:
+            image.load()  # decode now: a truncated file fails here, not halfway through generation
+            return ImageOps.exif_transpose(image).convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(
+            f"`{name}` could not be read as an image (PNG, JPEG or WebP expected): {type(err).__name__}: {err}"
+        ) from None
+
+
+XMP_NAMESPACE = "urn:jsd:generation:1"
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, *, metadata: dict[str, str], quality: int = 90) -> Path:
+    """Save ``image`` with ``metadata`` embedded: PNG text chunks, or an XMP packet for WebP and JPEG.
+
+    The format follows the suffix (``.png``, ``.webp``, ``.jpg``). :func:`read_metadata` reads it back.
+    """
+    path = Path(path)
+    fmt = {".png": "PNG", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}[path.suffix.lower()]
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_itxt(key, value)  # iTXt: UTF-8, so Japanese prompts survive
+        image.save(path, "PNG", pnginfo=info)
+    else:
+        image.convert("RGB").save(path, fmt, quality=quality, xmp=_xmp_packet(metadata))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The settings :func:`save_image` embedded in a PNG, WebP or JPEG file."""
+    import xml.etree.ElementTree as ET
+
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            return {k: str(v) for k, v in image.text.items()}
+        xmp = image.info.get("xmp")
+    if not xmp:
+        return {}
+    root = ET.fromstring(xmp)
+    prefix = "{" + XMP_NAMESPACE + "}"
+    return {el.tag[len(prefix) :]: el.text or "" for el in root.iter() if el.tag.startswith(prefix)}
+
+
+def _xmp_packet(metadata: dict[str, str]) -> bytes:
+    fields = "".join(f"<jsd:{key}>{escape(value)}</jsd:{key}>" for key, value in metadata.items())
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:jsd="{XMP_NAMESPACE}">{fields}</rdf:Description>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InputError(f"`{name}` must be text, got {type(value).__name__}: {value!r}.")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"`{name}` must be an integer between {low} and {high}, got {value!r}.")
+    if not low <= value <= high:
+        raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        raise InputError(f"`{name}` must be a number between {low} and {high}, got {value!r}.")
+    if not low <= value <= high:
+        raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
+    return float(value)
+
+
+def _check_pixel_budget(width: int, height: int, num_outputs: int) -> None:
+    pixels = width * height * num_outputs
+    if pixels > MAX_PIXELS:
+        raise InputError(
+            f"`width` × `height` × `num_outputs` = {width}×{height}×{num_outputs} = {pixels:,} pixels exceeds the "
+            f"budget of {MAX_PIXELS:,} pixels per request (four 768×768 images on a 16 GB T4): lower "
+            "`num_outputs`, `width` or `height`."
+        )
