@@ -1,8 +1,9 @@
-"""Command line: ``python -m jsd generate "プロンプト" -o out.png``.
+"""Command line: ``python -m jsd generate "プロンプト" -o out.png``, ``python -m jsd tokenize "プロンプト"``.
 
 python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
 python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
 python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
+python -m jsd tokenize "サラリーマン (油絵:1.3)" --prompt_weighting                  # token report
 """
 
 from __future__ import annotations
@@ -40,7 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
+    _add_tokenize_parser(commands)
     return parser
+
+
+def _add_tokenize_parser(commands) -> None:
+    tok = commands.add_parser("tokenize", help="show how a prompt is tokenized: pieces, count, chunks, truncation")
+    tok.add_argument("prompt", help='the prompt, e.g. "サラリーマン (油絵:1.3)"')
+    source = tok.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="checkpoint folder holding tokenizer/ (default: $JSD_WEIGHTS or weights/)")
+    source.add_argument("--tokenizer", help="a spiece.model file or a tokenizer folder")
+    tok.add_argument(
+        "--prompt_weighting",
+        "--prompt-weighting",
+        action="store_true",
+        help="parse (text:1.3) weights, as prompt_weighting=True in the library (on by default in the Cog predictor)",
+    )
+    tok.add_argument("--max_prompt_chunks", "--max-prompt-chunks", type=int, default=3, help="chunks of 77 ids kept")
+    tok.set_defaults(func=cmd_tokenize)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    """Print the token report of a prompt: what the text encoder will see and what is truncated."""
+    from jsd.prompting import tokenize_report
+
+    source = args.tokenizer or args.weights
+    try:
+        report = tokenize_report(
+            args.prompt, source, prompt_weighting=args.prompt_weighting, max_prompt_chunks=args.max_prompt_chunks
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    print(report)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -82,7 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if mask is None:
             cls, extra = pipelines.JapaneseStableDiffusionImg2ImgPipeline, {}
         else:
-            cls, extra = pipelines.JapaneseStableDiffusionInpaintPipeline, {"mask_image": mask}
+            extra = {"mask_image": mask, "height": args.height, "width": args.width}
+            cls = pipelines.JapaneseStableDiffusionInpaintPipeline
         result = cls(**pipe.components)(image=image, strength=args.prompt_strength, **extra, **common)
     _save(result, args.output, seed)
 
