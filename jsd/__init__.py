@@ -5,6 +5,7 @@ from jsd.pipelines import (
     JapaneseStableDiffusionInpaintPipeline,
     JapaneseStableDiffusionPipeline,
 )
+from jsd.prompting import TokenReport, tokenize_report
 from jsd.tokenizer import JapaneseTokenizer
 
 __all__ = [
@@ -12,5 +13,7 @@ __all__ = [
     "JapaneseStableDiffusionInpaintPipeline",
     "JapaneseStableDiffusionPipeline",
     "JapaneseTokenizer",
+    "TokenReport",
+    "tokenize_report",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from jsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+
 DEFAULT_WEIGHTS = os.environ.get("JSD_WEIGHTS", "weights")
 
 
@@ -33,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=512)
     gen.add_argument("--height", type=int, default=512)
     gen.add_argument("--num_outputs", "--num-outputs", type=int, default=1)
-    gen.add_argument("--scheduler", default=None, help="scheduler name (default: the serving default)")
+    gen.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"one of {', '.join(SCHEDULERS)}")
     gen.add_argument("--image", type=Path, help="init image: img2img, or inpaint with --mask")
     gen.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", "--prompt_strength", dest="prompt_strength", type=float, default=0.8)
-    gen.add_argument("--disable_safety_checker", action="store_true")
+    gen.add_argument("--disable_safety_checker", "--disable-safety-checker", action="store_true")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
@@ -76,71 +78,60 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Load the checkpoint, generate, write the images, print the seeds."""
-    import random
+    """Check the inputs, load the checkpoint once, generate, write the images and print the seeds."""
+    from jsd import serving
 
-    import torch
-
-    from jsd import pipelines
-
+    request = serving.GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt or "",
+        width=args.width,
+        height=args.height,
+        num_outputs=args.num_outputs,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        image=args.image,
+        mask=args.mask,
+        prompt_strength=args.prompt_strength,
+        output_format=_output_format(args.output),
+        disable_safety_checker=args.disable_safety_checker,
+    )
     weights = Path(args.weights)
-    if not weights.is_dir():
-        raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
-    if args.mask is not None and args.image is None:
-        raise CLIError("--mask needs --image: inpainting repaints the masked part of an image")
-    # Read the images before loading any model, so a bad path costs nothing.
-    size = (args.width, args.height)
-    image = _open_image(args.image, "--image").convert("RGB").resize(size) if args.image else None
-    mask = _open_image(args.mask, "--mask").convert("L").resize(size) if args.mask else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = pipelines.JapaneseStableDiffusionPipeline.from_pretrained(
-        weights, torch_dtype=dtype, safety_checker=not args.disable_safety_checker
-    ).to(device)
-    seed = args.seed if args.seed is not None else random.randrange(2**63)
-    print(f"seed: {seed}")
-    generators = [torch.Generator(device).manual_seed(seed + i) for i in range(args.num_outputs)]
-    common = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "num_images_per_prompt": args.num_outputs,
-        "generator": generators,
-    }
-    if image is None:
-        result = pipe(height=args.height, width=args.width, **common)
-    else:
-        if mask is None:
-            cls, extra = pipelines.JapaneseStableDiffusionImg2ImgPipeline, {}
-        else:
-            extra = {"mask_image": mask, "height": args.height, "width": args.width}
-            cls = pipelines.JapaneseStableDiffusionInpaintPipeline
-        result = cls(**pipe.components)(image=image, strength=args.prompt_strength, **extra, **common)
-    _save(result, args.output, seed)
-
-
-def _open_image(path: Path, flag: str):
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as err:
-        raise CLIError(f"{flag} {path}: not a readable image ({err})") from err
-    return image
+        checked = request.validate()  # before loading anything: a bad input costs nothing
+        request.seed = checked.seed
+        if not weights.is_dir():
+            raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
+        print(f"seed: {checked.seed}")
+        generator = serving.ImageGenerator(serving.load_pipeline(weights, device=args.device))
+        result = generator.generate(request)
+    except serving.InputError as err:
+        raise CLIError(str(err)) from None
+    except serving.GenerationError as err:
+        raise CLIError(str(err)) from None
+    _save(result, args.output)
 
 
-def _save(result, output: Path, seed: int) -> None:
-    flagged = getattr(result, "nsfw_content_detected", None) or [False] * len(result.images)
+def _output_format(output: Path) -> str:
+    suffix = output.suffix.lower().lstrip(".")
+    formats = {"png": "png", "webp": "webp", "jpg": "jpg", "jpeg": "jpg"}
+    if suffix not in formats:
+        raise CLIError(f"-o {output}: the file name must end in .png, .webp or .jpg")
+    return formats[suffix]
+
+
+def _save(result, output: Path) -> None:
+    from jsd.serving import save_image
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    for i, (image, nsfw) in enumerate(zip(result.images, flagged, strict=True)):
-        path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{i}{output.suffix}")
-        if nsfw:
-            print(f"image {i} (seed {seed + i}) was flagged by the safety checker and not saved")
-            continue
-        image.save(path)
-        print(f"wrote {path} (seed {seed + i})")
+    several = len(result.seeds) > 1
+    for item in result.images:
+        path = output.with_name(f"{output.stem}-{item.index}{output.suffix}") if several else output
+        save_image(item.image, path, metadata=item.metadata, quality=result.output_quality)
+        print(f"wrote {path} (seed {item.seed})")
+    for seed in result.flagged_seeds:
+        print(f"the image with seed {seed} was flagged by the safety checker and not saved")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,35 @@ pipeline_loading_utils.ALL_IMPORTABLE_CLASSES.update(_TOKENIZER_METHODS)
 class JapanesePipelineMixin:
     """Japanese prompt encoding, rinna-layout loading and saving for a Stable Diffusion pipeline."""
 
+    # Prompt options of the call in progress: ``__call__`` sets them, ``encode_prompt`` reads them.
+    _prompt_options: tuple[bool, int] = (False, prompting.DEFAULT_MAX_PROMPT_CHUNKS)
+
+    def __call__(
+        self,
+        *args,
+        prompt_weighting: bool = False,
+        max_prompt_chunks: int = prompting.DEFAULT_MAX_PROMPT_CHUNKS,
+        **kwargs,
+    ):
+        """diffusers' ``__call__`` (every argument as documented there), plus two keyword-only prompt options.
+
+        Args:
+            prompt_weighting: parse ``(text:1.3)`` / ``（テキスト：１．３）`` weights in ``prompt`` and
+                ``negative_prompt`` (:func:`jsd.prompting.parse_prompt_weights`). Off by default, so that
+                parentheses are plain text as in diffusers.
+            max_prompt_chunks: a prompt longer than 76 pieces is encoded in chunks of 77 ids, at most this
+                many; pieces past them are dropped with a logged warning (``jsd.tokenize_report`` shows
+                them). ``1`` is rinna's original single-sequence truncation.
+        """
+        if not isinstance(prompt_weighting, bool):
+            raise TypeError(f"`prompt_weighting` must be True or False, got {prompt_weighting!r}.")
+        options = (prompt_weighting, prompting.check_max_prompt_chunks(max_prompt_chunks))
+        previous, self._prompt_options = self._prompt_options, options
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._prompt_options = previous
+
     def encode_prompt(
         self,
         prompt,
@@ -41,15 +70,34 @@ class JapanesePipelineMixin:
         negative_prompt_embeds: torch.Tensor | None = None,
         lora_scale: float | None = None,
         clip_skip: int | None = None,
+        *,
+        prompt_weighting: bool | None = None,
+        max_prompt_chunks: int | None = None,
     ):
-        """diffusers' ``encode_prompt``, with the text encoded by the Japanese front end."""
+        """diffusers' ``encode_prompt``, with the text encoded by the Japanese front end (:mod:`jsd.prompting`).
+
+        Prompt and negative prompt are padded to the same number of 77-id chunks. ``prompt_weighting`` and
+        ``max_prompt_chunks`` default to the options of the ``__call__`` in progress.
+        """
+        weighting, max_chunks = self._prompt_options
+        options = {
+            "prompt_weighting": weighting if prompt_weighting is None else prompt_weighting,
+            "max_prompt_chunks": max_chunks if max_prompt_chunks is None else max_prompt_chunks,
+        }
+        positives = negatives = None
         if prompt_embeds is None:
-            prompt_embeds = prompting.encode_texts(
-                self.tokenizer, self.text_encoder, _as_list(prompt), device=device, clip_skip=clip_skip
-            )
+            positives = self._tokenize(_as_list(prompt), **options)
         if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negatives = _negative_texts(negative_prompt, prompt, prompt_embeds.shape[0])
-            negative_prompt_embeds = prompting.encode_texts(self.tokenizer, self.text_encoder, negatives, device=device)
+            batch_size = len(positives) if positives is not None else prompt_embeds.shape[0]
+            negatives = self._tokenize(_negative_texts(negative_prompt, prompt, batch_size), **options)
+        if positives is not None or negatives is not None:
+            num_chunks = max(
+                [r.num_chunks for r in (positives or []) + (negatives or [])]
+                + [self._count_chunks(e, name) for e, name in _given(prompt_embeds, negative_prompt_embeds)]
+            )
+            prompt_embeds = self._embeds(positives, prompt_embeds, num_chunks, device, clip_skip)
+            if do_classifier_free_guidance:
+                negative_prompt_embeds = self._embeds(negatives, negative_prompt_embeds, num_chunks, device, clip_skip)
         # diffusers does the rest: dtype, num_images_per_prompt duplication, LoRA scale bookkeeping.
         return super().encode_prompt(
             None,
@@ -60,6 +108,37 @@ class JapanesePipelineMixin:
             negative_prompt_embeds=negative_prompt_embeds,
             lora_scale=lora_scale,
         )
+
+    def _tokenize(self, texts: list[str], **options) -> list[prompting.TokenReport]:
+        reports = [prompting.tokenize_prompt(self.tokenizer, text, **options) for text in texts]
+        for report in reports:
+            prompting.warn_truncated(report)
+        return reports
+
+    def _count_chunks(self, embeds: torch.Tensor, name: str) -> int:
+        length = self.tokenizer.model_max_length
+        if embeds.ndim != 3 or embeds.shape[1] % length:
+            raise ValueError(
+                f"`{name}` has shape {tuple(embeds.shape)}; to pair it with a text prompt its sequence length must "
+                f"be a multiple of {length}. Pass both `prompt_embeds` and `negative_prompt_embeds` instead."
+            )
+        return embeds.shape[1] // length
+
+    def _embeds(self, reports, embeds, num_chunks: int, device, clip_skip: int | None) -> torch.Tensor:
+        """Encode ``reports`` in ``num_chunks`` chunks, or pad given ``embeds`` with empty-text chunks."""
+        if reports is not None:
+            return prompting.encode_reports(
+                self.tokenizer, self.text_encoder, reports, num_chunks=num_chunks, device=device, clip_skip=clip_skip
+            )
+        missing = num_chunks - embeds.shape[1] // self.tokenizer.model_max_length
+        if missing == 0:
+            return embeds
+        empty = prompting.tokenize_prompt(self.tokenizer, "")
+        pad = prompting.encode_reports(
+            self.tokenizer, self.text_encoder, [empty], num_chunks=missing, device=device, clip_skip=clip_skip
+        )
+        pad = pad.to(device=embeds.device, dtype=embeds.dtype).expand(embeds.shape[0], -1, -1)
+        return torch.cat([embeds, pad], dim=1)
 
     @classmethod
     def from_pretrained(
@@ -115,6 +194,12 @@ def _as_list(prompt: str | list[str]) -> list[str]:
     if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
         return list(prompt)
     raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}: {prompt!r}.")
+
+
+def _given(prompt_embeds, negative_prompt_embeds):
+    """The embeddings a caller passed, with their argument names."""
+    pairs = ((prompt_embeds, "prompt_embeds"), (negative_prompt_embeds, "negative_prompt_embeds"))
+    return [(embeds, name) for embeds, name in pairs if embeds is not None]
 
 
 def _negative_texts(negative_prompt, prompt, batch_size: int) -> list[str]:
