@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from jsd.cli import main
+from jsd.serving import read_metadata
 
 
 def generate(capsys, *args: str) -> str:
@@ -18,11 +19,22 @@ def generate(capsys, *args: str) -> str:
 
 
 def test_generate_writes_images_and_prints_reproducible_seeds(tmp_path, capsys, tiny_checkpoint):
-    common = ["サラリーマン 油絵", "--weights", str(tiny_checkpoint), "--width", "64", "--height", "64", "--steps", "2"]
+    common = [
+        "サラリーマン 油絵",
+        "--weights",
+        str(tiny_checkpoint),
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--steps",
+        "2",
+    ]
     out = generate(capsys, *common, "--seed", "7", "--num_outputs", "2", "-o", str(tmp_path / "a.png"))
     assert "seed: 7" in out
+    assert read_metadata(tmp_path / "a-1.png")["seed"] == "8"
     first, second = Image.open(tmp_path / "a-0.png"), Image.open(tmp_path / "a-1.png")
-    assert first.size == (64, 64)
+    assert first.size == (128, 128)
     # image 1 of a batch is reproducible alone from its own seed (seed + 1); batched float maths may
     # round a few pixels differently by one level, never more
     generate(capsys, *common, "--seed", "8", "-o", str(tmp_path / "b.png"))
@@ -36,9 +48,9 @@ def test_img2img_and_inpaint(tmp_path, capsys, tiny_checkpoint):
     mask = Image.new("L", (80, 48), 0)
     mask.paste(255, (0, 0, 40, 48))
     mask.save(tmp_path / "mask.png")
-    common = ["猫", "--weights", str(tiny_checkpoint), "--width", "64", "--height", "64", "--steps", "2"]
+    common = ["猫", "--weights", str(tiny_checkpoint), "--width", "128", "--height", "128", "--steps", "2"]
     generate(capsys, *common, "--image", str(tmp_path / "in.png"), "-o", str(tmp_path / "i2i.png"))
-    assert Image.open(tmp_path / "i2i.png").size == (64, 64)
+    assert Image.open(tmp_path / "i2i.png").size == (128, 128)
     generate(
         capsys,
         *common,
@@ -49,15 +61,19 @@ def test_img2img_and_inpaint(tmp_path, capsys, tiny_checkpoint):
         "-o",
         str(tmp_path / "inp.png"),
     )
-    assert Image.open(tmp_path / "inp.png").size == (64, 64)
+    assert Image.open(tmp_path / "inp.png").size == (128, 128)
+    assert read_metadata(tmp_path / "inp.png")["mode"] == "inpaint"
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--weights", "/nonexistent/weights"], "--weights /nonexistent/weights: no such folder"),
-        (["--mask", "m.png"], "--mask needs --image"),
-        (["--image", "not-an-image.txt"], "--image not-an-image.txt: not a readable image"),
+        (["--mask", "m.png"], "`mask` was given without `image`"),
+        (["--image", "not-an-image.txt"], "`image` could not be read as an image"),
+        (["--width", "200"], "`width` must be a multiple of 64"),
+        (["--scheduler", "fastest"], "`scheduler` must be one of 'DPM-Solver++ 2M'"),
+        (["-o", "out.gif"], "-o out.gif: the file name must end in .png, .webp or .jpg"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path, tiny_checkpoint, monkeypatch, capsys, args, message):
