@@ -1,0 +1,195 @@
+"""Fine-tuning configuration: one dataclass, diffusers' flag names, per-stage override files.
+
+Precedence: the defaults below < a JSON file given with ``--config`` (e.g. ``configs/train/stage1.json``,
+which holds only its overrides) < flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The one place where the two stages of the recipe differ: which components are trained.
+# Every other component is frozen (requires_grad False, eval mode). The VAE never trains.
+TRAINED_MODULES: dict[int, tuple[str, ...]] = {
+    1: ("text_encoder",),  # stage 1: a Japanese text encoder under the frozen latent diffusion model
+    2: ("text_encoder", "unet"),  # stage 2: text encoder and UNet jointly, so that images become Japanese
+}
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def opt(default: Any, help: str, **argparse_kwargs) -> Any:
+    """A config field with its help text (shown by ``--help``) and extra argparse settings."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run; the flag of a field is ``--<field name>``."""
+
+    # --- what to train
+    stage: int = opt(2, "1: train the text encoder only; 2: text encoder and UNet jointly.", choices=(1, 2))
+    pretrained_model_name_or_path: str | None = opt(
+        None, "Checkpoint to start from: a folder in the served/diffusers layout or a hub repo id (required)."
+    )
+    revision: str | None = opt(None, "Hub revision of --pretrained_model_name_or_path.")
+    tokenizer_name: str | None = opt(
+        None, "A tokenizer folder (e.g. from scripts/train_tokenizer.py) instead of the checkpoint's tokenizer/."
+    )
+    text_encoder_init: str = opt(
+        "pretrained",
+        "'pretrained': start from the checkpoint's text encoder; 'scratch': re-initialise it (the paper's stage 1).",
+        choices=("pretrained", "scratch"),
+    )
+    # --- data
+    train_data_dir: str | None = opt(None, "Image folder with metadata.jsonl (file_name, text per line).")
+    train_shards: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "WebDataset tar shards, brace patterns allowed ('data/shard-{000000..000099}.tar'), or 'pipe:CMD'.",
+            "nargs": "+",
+        },
+    )
+    caption_column: str = opt("text", "Key of the caption in metadata.jsonl / in a shard's .json.")
+    resolution: int = opt(512, "Images are resized (shorter side) and center-cropped to this square size.")
+    random_flip: bool = opt(False, "Flip images horizontally at random (deterministic per seed, epoch and image).")
+    caption_dropout: float = opt(0.1, "Probability of replacing a caption by '' (trains the unconditional branch).")
+    dataloader_num_workers: int = opt(0, "Processes that read and decode images (0: the training process).")
+    # --- optimisation
+    train_batch_size: int = opt(16, "Images per process per forward pass.")
+    gradient_accumulation_steps: int = opt(1, "Forward passes per optimizer step.")
+    num_train_epochs: int = opt(100, "Passes over --train_data_dir when --max_train_steps is not given.")
+    max_train_steps: int | None = opt(None, "Optimizer steps in total (required with --train_shards).", type=int)
+    learning_rate: float = opt(1e-4, "Learning rate after warm-up.")
+    scale_lr: bool = opt(False, "Multiply the learning rate by batch size, accumulation and number of processes.")
+    lr_scheduler: str = opt("constant", "diffusers' get_scheduler name.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(500, "Warm-up steps of the learning rate scheduler.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Gradients are clipped to this norm.")
+    prediction_type: str | None = opt(
+        None, "Override the scheduler config's prediction type.", choices=("epsilon", "v_prediction")
+    )
+    use_ema: bool = opt(False, "Keep an exponential moving average of the trained weights and save it.")
+    ema_decay: float = opt(0.9999, "Decay of the moving average (--use_ema).")
+    # --- hardware
+    mixed_precision: str | None = opt(
+        None,
+        "Autocast precision, frozen components are stored in it (fp16 needs a GPU). Default: accelerate's config.",
+        choices=("no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    seed: int = opt(0, "Seeds data order, flips, caption dropout, noise and timesteps: a run is reproducible.")
+    # --- outputs and robustness
+    output_dir: str = opt("jsd-finetuned", "Where the served layout (with manifest.json) is written at the end.")
+    project_dir: str | None = opt(
+        None, "Checkpoints (checkpoint-N/) and logs; kept out of --output_dir. Default: OUTPUT_DIR-run."
+    )
+    logging_dir: str = opt("logs", "Tensorboard folder, relative to --project_dir.")
+    report_to: str = opt("tensorboard", "accelerate tracker ('tensorboard', 'wandb', …, or 'none').")
+    tracker_project_name: str = opt("jsd-finetune", "Project name given to the tracker.")
+    checkpointing_steps: int = opt(500, "Save the full training state (accelerate save_state) every N steps.")
+    checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest deleted).", type=int)
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
+
+    @property
+    def trained_modules(self) -> tuple[str, ...]:
+        return TRAINED_MODULES[self.stage]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.project_dir) if self.project_dir else Path(f"{self.output_dir.rstrip('/')}-run")
+
+    def validate(self) -> TrainConfig:
+        """Raise ``ValueError`` naming the setting, the value and what is allowed."""
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                allowed = ", ".join(map(str, choices))
+                raise ValueError(f"`--{f.name}`={value!r} is not allowed; choose one of {allowed}.")
+        if not self.pretrained_model_name_or_path:
+            raise ValueError("`--pretrained_model_name_or_path` is required: the checkpoint to fine-tune.")
+        if bool(self.train_data_dir) == bool(self.train_shards):
+            raise ValueError(
+                f"Give exactly one of `--train_data_dir` ({self.train_data_dir!r}) and `--train_shards` "
+                f"({self.train_shards!r})."
+            )
+        if self.train_shards and self.max_train_steps is None:
+            raise ValueError("`--max_train_steps` is required with `--train_shards`: a stream has no epoch length.")
+        for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+            _require_positive(name, getattr(self, name))
+        if self.resolution % 8:
+            raise ValueError(f"`--resolution`={self.resolution} must be a multiple of 8 (the VAE downsamples by 8).")
+        for name in ("max_train_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"`--caption_dropout`={self.caption_dropout} must be within [0, 1].")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"`--dataloader_num_workers`={self.dataloader_num_workers} must be >= 0.")
+        return self
+
+    def max_steps(self, num_records: int | None, num_processes: int) -> int:
+        """``max_train_steps``, or the steps of ``num_train_epochs`` passes over ``num_records`` images."""
+        if self.max_train_steps is not None:
+            return self.max_train_steps
+        per_step = self.train_batch_size * self.gradient_accumulation_steps * num_processes
+        return max(1, math.ceil(self.num_train_epochs * (num_records or 0) / per_step))
+
+    def to_tracker_config(self) -> dict:
+        """Scalars only (tensorboard's hparams reject lists and None)."""
+        scalars = (int, float, str, bool)
+        return {k: (v if isinstance(v, scalars) else str(v)) for k, v in dataclasses.asdict(self).items()}
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"`--{name}`={value} must be a positive integer.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field; unset flags stay absent so the config file can fill them."""
+    parser = argparse.ArgumentParser(
+        description="Fine-tune Japanese Stable Diffusion (stage 1: text encoder; stage 2: text encoder + UNet).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="JSON file of overrides, e.g. configs/train/stage1.json.")
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"help": f"{meta.pop('help')} (default: {default!r})"}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta.pop("type", type(default) if default not in (None, []) else str)
+            kwargs.update(meta)
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def load_overrides(path: str | Path) -> dict:
+    """The settings of a JSON config file; unknown keys are an error (a typo would silently do nothing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`--config` file {path} does not exist.")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"`--config` {path} has unknown settings {unknown}; allowed: {sorted(known)}.")
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < ``--config`` file < command-line flags, validated."""
+    args = vars(build_parser().parse_args(argv))
+    overrides = load_overrides(args.pop("config")) if "config" in args else {}
+    return TrainConfig(**(overrides | args)).validate()

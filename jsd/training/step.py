@@ -1,0 +1,69 @@
+"""The loss of one batch: latent diffusion noise prediction (epsilon or v), with caption dropout.
+
+Every random draw goes through one ``torch.Generator`` whose state is saved in each checkpoint, so a
+resumed run draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from jsd.tokenizer import JapaneseTokenizer
+
+
+def tokenize(tokenizer: JapaneseTokenizer, texts: list[str]) -> torch.Tensor:
+    """rinna's ids: ``(len(texts), 77)``, ``</s>`` then ``[PAD]``."""
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def drop_captions(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with ``probability``: the unconditional branch of classifier-free guidance."""
+    draws = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
+    return ["" if draw < probability else text for text, draw in zip(texts, draws, strict=True)]
+
+
+def diffusion_loss(
+    *,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: torch.nn.Module,
+    noise_scheduler: DDPMScheduler,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and the target its scheduler config asks for.
+
+    ``pixel_values`` in [-1, 1] on the training device; the VAE is frozen (no graph is kept for it),
+    gradients reach whichever of ``text_encoder`` and ``unet`` require them.
+    """
+    with torch.no_grad():
+        posterior = vae.encode(pixel_values.to(_dtype(vae))).latent_dist
+        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
+    )
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Scheduler `prediction_type`={prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+    unet_dtype = _dtype(unet)  # a frozen UNet (stage 1) is stored in the mixed-precision dtype
+    hidden = encoder_hidden_states.to(unet_dtype)
+    model_pred = unet(noisy_latents.to(unet_dtype), timesteps, hidden, return_dict=False)[0]
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    # works for DDP-wrapped modules too, which have no ``.dtype``
+    return next(module.parameters()).dtype

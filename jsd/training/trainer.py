@@ -1,0 +1,314 @@
+"""The fine-tuning loop: accelerate for devices and processes, diffusers for the model parts.
+
+``train(config)`` runs either stage of the recipe (which modules train is decided in
+:data:`jsd.training.config.TRAINED_MODULES`), checkpoints every ``checkpointing_steps``, resumes
+exactly, and ends with the served layout (safetensors + manifest) in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from jsd.loading import load_components, resolve_checkpoint
+from jsd.manifest import write_manifest
+from jsd.pipelines import JapaneseStableDiffusionPipeline
+from jsd.training import checkpointing
+from jsd.training.config import TrainConfig
+from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
+from jsd.training.models import freeze_for_stage, load_training_components
+from jsd.training.step import diffusion_loss, drop_captions, tokenize
+
+logger = get_logger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunState:
+    """What one process must remember, beyond accelerate's state, to resume exactly."""
+
+    generator: torch.Generator
+    step: int = 0
+    positions: dict[int, Position] = field(default_factory=dict)
+    bad: BadRecords = field(default_factory=BadRecords)
+
+    def consume(self, batch: dict) -> None:
+        self.positions[batch["stream"]] = batch["position"]
+        for key, reason in batch["bad"]:
+            self.bad.add(key, reason)
+
+    def state_dict(self, num_processes: int) -> dict:
+        return {
+            "num_processes": num_processes,
+            "generator": self.generator.get_state(),
+            "positions": {k: [p.epoch, p.shard, p.record] for k, p in self.positions.items()},
+            "bad": self.bad.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        self.step = step
+        self.generator.set_state(state["generator"])
+        self.positions = {int(k): Position(*v) for k, v in state["positions"].items()}
+        self.bad.load_state_dict(state["bad"])
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process)."""
+    accelerator = make_accelerator(config)
+    log_setup(accelerator, config)
+    with accelerator.main_process_first():
+        source_folder = resolve_checkpoint(config.pretrained_model_name_or_path, revision=config.revision)
+    components = load_training_components(source_folder, config)
+    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    trained = freeze_for_stage(components, config.trained_modules, device=accelerator.device, weight_dtype=weight_dtype)
+    if config.gradient_checkpointing:
+        components["unet"].enable_gradient_checkpointing()
+        components["text_encoder"].gradient_checkpointing_enable()
+
+    source = make_source(
+        train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
+    )
+    max_steps = config.max_steps(source.num_records, accelerator.num_processes)
+    optimizer = make_optimizer(trained, config, accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained = dict(zip(trained, prepared[: len(trained)], strict=True))
+    optimizer, lr_scheduler = prepared[len(trained) :]
+    components |= trained
+    emas = make_emas(accelerator, trained, config)
+
+    # one generator per process for caption dropout, VAE sampling, noise and timesteps; saved in checkpoints
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
+    state = RunState(generator=generator)
+    stream = RecordStream(
+        source,
+        resolution=config.resolution,
+        random_flip=config.random_flip,
+        seed=config.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        num_workers=config.dataloader_num_workers,
+    )
+    resume(accelerator, config, state, stream)
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers(config.tracker_project_name, config=config.to_tracker_config())
+    logger.info(
+        "Training %s for %d steps (from step %d); %d images per step",
+        " + ".join(trained),
+        max_steps,
+        state.step,
+        config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
+    )
+    loader = make_dataloader(stream, batch_size=config.train_batch_size, num_workers=config.dataloader_num_workers)
+    run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps)
+
+    report_bad_records(accelerator, state, "at the end")
+    for name, ema in emas.items():
+        ema.copy_to(accelerator.unwrap_model(trained[name]).parameters())
+    if accelerator.is_main_process:
+        export_served(
+            source_folder,
+            Path(config.output_dir),
+            {name: accelerator.unwrap_model(m) for name, m in trained.items()},
+            components["tokenizer"],
+            source=f"jsd fine-tune stage {config.stage} of {config.pretrained_model_name_or_path}",
+            revision=f"stage{config.stage}-step{state.step}",
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return Path(config.output_dir)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("`--mixed_precision`='fp16' needs a CUDA GPU; on CPU use 'bf16' or 'no'.")
+    run_dir = config.run_dir
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / config.logging_dir)),
+        # without a GPU, run on CPU in every process (torchrun / accelerate launch --multi_gpu start them)
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def log_setup(accelerator: Accelerator, config: TrainConfig) -> None:
+    state = accelerator.state
+    logger.info(
+        "Distributed setup: %s with %d processes, device %s, mixed precision %s; stage %d trains %s",
+        state.distributed_type.value,
+        accelerator.num_processes,
+        accelerator.device,
+        accelerator.mixed_precision,
+        config.stage,
+        " + ".join(config.trained_modules),
+    )
+    logger.info(
+        "Process %d of %d on %s",
+        accelerator.process_index,
+        accelerator.num_processes,
+        accelerator.device,
+        main_process_only=False,
+    )
+    if accelerator.is_local_main_process:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # one copy of the libraries' warnings, not one per process
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def make_optimizer(trained: dict[str, torch.nn.Module], config: TrainConfig, num_processes: int):
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
+    params = [p for module in trained.values() for p in module.parameters()]
+    return torch.optim.AdamW(
+        params,
+        lr=learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+def make_emas(accelerator: Accelerator, trained: dict, config: TrainConfig) -> dict[str, EMAModel]:
+    if not config.use_ema:
+        return {}
+    emas = {name: EMAModel(module.parameters(), decay=config.ema_decay) for name, module in trained.items()}
+    for ema in emas.values():
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)  # saved and restored by save_state/load_state
+    return emas
+
+
+def resume(accelerator: Accelerator, config: TrainConfig, state: RunState, stream: RecordStream) -> None:
+    checkpoint = checkpointing.resolve_resume(config.resume_from_checkpoint, config.run_dir)
+    if checkpoint is None:
+        if config.resume_from_checkpoint:
+            logger.info("No checkpoint in %s yet: starting a new run.", config.run_dir)
+        return
+    accelerator.load_state(str(checkpoint))
+    rank_state = checkpointing.load_rank_state(checkpoint, accelerator.process_index, accelerator.num_processes)
+    state.load_state_dict(rank_state, checkpointing.checkpoint_step(checkpoint))
+    stream.resume(state.positions, batches_done=state.step * config.gradient_accumulation_steps)
+    logger.info("Resumed from %s at step %d (%s so far)", checkpoint, state.step, state.bad.summary())
+
+
+def run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps):
+    """Optimizer steps until ``max_steps``: loss, backward, clip, step, EMA, log, checkpoint."""
+    params = [p for module in trained.values() for p in module.parameters()]
+    progress = tqdm(total=max_steps, initial=state.step, desc="Steps", disable=not accelerator.is_local_main_process)
+    batches = iter(loader)
+    step_loss = 0.0
+    while state.step < max_steps:
+        batch = next(batches)
+        with accelerator.accumulate(*trained.values()):
+            loss = batch_loss(accelerator, config, components, batch, state.generator)
+            step_loss += accelerator.gather(loss.detach()).mean().item() / config.gradient_accumulation_steps
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        state.consume(batch)
+        if not accelerator.sync_gradients:
+            continue
+        for name, ema in emas.items():
+            ema.step(trained[name].parameters())
+        state.step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}")
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"The loss is {step_loss} at step {state.step}: lower `--learning_rate`.")
+        accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=state.step)
+        step_loss = 0.0
+        if state.step % config.checkpointing_steps == 0 or state.step == max_steps:
+            save(accelerator, config, state)
+    progress.close()
+
+
+def batch_loss(accelerator, config, components, batch, generator) -> torch.Tensor:
+    texts = drop_captions(batch["text"], config.caption_dropout, generator)
+    input_ids = tokenize(components["tokenizer"], texts).to(accelerator.device)
+    return diffusion_loss(
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        noise_scheduler=components["noise_scheduler"],
+        pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
+        input_ids=input_ids,
+        generator=generator,
+    )
+
+
+def save(accelerator: Accelerator, config: TrainConfig, state: RunState) -> None:
+    path = checkpointing.save_checkpoint(
+        accelerator,
+        config.run_dir,
+        state.step,
+        state.state_dict(accelerator.num_processes),
+        total_limit=config.checkpoints_total_limit,
+    )
+    logger.info("Saved %s", path)
+    report_bad_records(accelerator, state, f"by step {state.step}")
+
+
+def report_bad_records(accelerator: Accelerator, state: RunState, when: str) -> None:
+    """Sum the skipped records of all processes (a collective call) and log them."""
+    merged = BadRecords.merged(gather_object([state.bad.state_dict()]))
+    logger.info("Data %s: %s", when, merged.summary())
+    accelerator.log({"bad_records": merged.total}, step=state.step)
+
+
+def export_served(
+    source_folder: Path,
+    output_dir: Path,
+    trained: dict[str, torch.nn.Module],
+    tokenizer,
+    *,
+    source: str,
+    revision: str,
+) -> Path:
+    """Write the served layout (safetensors + manifest) atomically: a complete folder or none."""
+    components = load_components(source_folder, load_safety_checker=True)
+    components |= {name: module.eval() for name, module in trained.items()}
+    components["tokenizer"] = tokenizer
+    pipe = JapaneseStableDiffusionPipeline(
+        **components, requires_safety_checker=components["safety_checker"] is not None
+    )
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    write_manifest(staging, source=source, revision=revision)
+    if output_dir.exists():
+        old = output_dir.with_name(output_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output_dir)
+    logger.info("Saved the served layout to %s (load it with JSD_WEIGHTS=%s)", output_dir, output_dir)
+    return output_dir

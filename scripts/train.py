@@ -1,0 +1,34 @@
+"""Fine-tune Japanese Stable Diffusion, stage 1 (text encoder) or stage 2 (text encoder + UNet).
+
+One GPU:
+    accelerate launch scripts/train.py --config configs/train/stage2.json \
+        --pretrained_model_name_or_path weights --train_data_dir data/images \
+        --output_dir out/stage2 --resolution 512 --train_batch_size 4 --mixed_precision fp16 \
+        --gradient_checkpointing --max_train_steps 10000 --checkpointing_steps 500 --resume_from_checkpoint latest
+Several GPUs: ``accelerate launch --multi_gpu --num_processes 8 scripts/train.py …`` (or ``torchrun``).
+CPU, 2 processes: ``torchrun --standalone --nproc_per_node 2 scripts/train.py …``.
+Every flag: ``python scripts/train.py --help``; the README section "Fine-tuning" has the whole recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jsd.training.config import parse_config
+from jsd.training.trainer import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
