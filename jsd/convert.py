@@ -1,0 +1,385 @@
+"""Convert a Japanese Stable Diffusion checkpoint (rinna's 2022 layout) to the served layout.
+
+rinna published pickled fp32 ``.bin`` weights, 2022 configs and a ``T5Tokenizer`` entry in
+``model_index.json``. The served layout is what ``pipe.save_pretrained`` writes today: fp16
+safetensors, current configs, ``tokenizer/`` for :class:`jsd.JapaneseTokenizer`, a scheduler config
+with ``steps_offset``, and ``manifest.json``.
+
+How the conversion stays safe and faithful:
+
+* Pickles are never executed: each ``.bin`` is read with ``torch.load(weights_only=True)``, which
+  accepts tensors and plain containers only; a pickle that would import or call anything else (the
+  classic ``__reduce__`` → ``os.system``) is refused with :class:`UnsafePickleError` naming the file.
+* The tensors are written once to a scratch safetensors file with the original config, and loaded
+  from there by diffusers / transformers themselves (``use_safetensors=True``): their own code maps
+  2022 key names (``text_model.`` prefixes, the VAE's ``query``/``key``/``value``/``proj_attn``) and
+  drops integer buffers they no longer keep (``position_ids``). Any missing, unexpected or
+  mis-shaped weight stops the conversion, naming the file.
+* fp16 cast: the libraries cast floating-point weights and honour ``_keep_in_fp32_modules`` (none
+  of the four classes declares one today); integer buffers are never cast. The safety checker goes
+  to fp16 too, as in diffusers' own fp16 Stable Diffusion weights: its thresholds (about 0.18-0.2)
+  move by less than 1e-4. Every weight is checked to be finite after the cast.
+* Idempotent: everything is written under ``.<dest>.staging/`` next to ``dest``; each finished
+  component is renamed into place there, so a rerun after an interruption skips it; the complete
+  folder is renamed onto ``dest`` at the end. A complete, verified ``dest`` is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors.torch import save_file
+from transformers import CLIPImageProcessorPil, CLIPTextModel
+
+from jsd.loading import load_components, load_scheduler
+from jsd.manifest import WeightsVerificationError, read_manifest, verify_manifest, write_manifest
+from jsd.pipelines import JapaneseStableDiffusionPipeline
+from jsd.tokenizer import JapaneseTokenizer
+
+logger = logging.getLogger(__name__)
+
+SERVED_DTYPE = torch.float16
+MODEL_CLASSES = {
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "safety_checker": StableDiffusionSafetyChecker,
+}
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "safety_checker": "config.json",
+    "scheduler": "scheduler_config.json",
+    "feature_extractor": "preprocessor_config.json",
+}
+TOKENIZER_FILES = ("tokenizer/spiece.model", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json")
+REQUIRED = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# Converted in this order: small parts first, so a broken source fails fast.
+ORDER = ("tokenizer", "scheduler", "feature_extractor", "text_encoder", "vae", "safety_checker", "unet")
+# transformers stopped saving CLIP's position_ids buffer; it is recomputed, so dropping it loses nothing.
+IGNORED_UNEXPECTED_SUFFIXES = ("position_ids",)
+
+
+class ConversionError(RuntimeError):
+    """The source checkpoint cannot be converted; the message names the file and what to do."""
+
+
+class UnsafePickleError(ConversionError):
+    """A pickled weights file would import or call code when loaded: it is refused, never executed."""
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_checkpoint` did."""
+
+    dest: Path
+    already_complete: bool
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- which files
+
+
+def _is_variant(name: str) -> bool:
+    """``diffusion_pytorch_model.fp16.safetensors`` is a variant; ``model-00001-of-00002.bin`` is not."""
+    base = name.removesuffix(".index.json")
+    return "." in base.rsplit(".", 1)[0]
+
+
+def choose_weights(names: Iterable[str]) -> list[str]:
+    """The weights files (and shard index) to read from one component folder's file names.
+
+    Safetensors are preferred (nothing to unpickle); variants such as ``*.fp16.*`` are ignored.
+    """
+    names = sorted(names)
+    for suffix in (".safetensors", ".bin"):
+        weights = [n for n in names if n.endswith(suffix) and not _is_variant(n)]
+        if weights:
+            return weights + [n for n in names if n.endswith(f"{suffix}.index.json") and not _is_variant(n)]
+    return []
+
+
+def select_files(relpaths: Iterable[str]) -> list[str]:
+    """The files of a checkpoint (posix paths relative to its root) that conversion reads.
+
+    Used as ``allow_patterns`` for the hub download, so only what is needed is fetched. Raises
+    :class:`ConversionError` when a required part is absent.
+    """
+    relpaths = set(relpaths)
+    by_folder: dict[str, list[str]] = {}
+    for rel in relpaths:
+        parent = PurePosixPath(rel).parent.as_posix()
+        by_folder.setdefault(parent, []).append(PurePosixPath(rel).name)
+    chosen, missing = [], []
+    for comp in MODEL_CLASSES:
+        weights = choose_weights(by_folder.get(comp, []))
+        config = f"{comp}/{CONFIG_FILES[comp]}"
+        if weights and config in relpaths:
+            chosen += [config] + [f"{comp}/{w}" for w in weights]
+        elif comp in REQUIRED or weights or config in relpaths:
+            missing.append(f"{comp}/ (needs {CONFIG_FILES[comp]} and .safetensors or .bin weights)")
+    chosen += [f for f in TOKENIZER_FILES if f in relpaths]
+    if TOKENIZER_FILES[0] not in relpaths:
+        missing.append(TOKENIZER_FILES[0])
+    for comp in ("scheduler", "feature_extractor"):
+        config = f"{comp}/{CONFIG_FILES[comp]}"
+        if config in relpaths:
+            chosen.append(config)
+        elif comp in REQUIRED or "safety_checker/config.json" in chosen:
+            missing.append(config)
+    if "model_index.json" in relpaths:
+        chosen.append("model_index.json")
+    if missing:
+        raise ConversionError(f"The source checkpoint lacks {', '.join(sorted(missing))}.")
+    return sorted(chosen)
+
+
+def local_files(folder: Path) -> list[str]:
+    """Posix paths of every file under ``folder`` (symlinks followed, as in the hub cache)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def local_revision(folder: Path) -> str:
+    """The git commit of a cloned model repo, the snapshot name of a hub cache folder, else ``"local"``."""
+    if folder.resolve().parent.name == "snapshots":
+        return folder.resolve().name
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "local"
+    return out.stdout.strip() or "local"
+
+
+# --------------------------------------------------------------------------- safe unpickling
+
+
+def load_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a pickled ``.bin`` file, read without executing code (``weights_only=True``)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False; keep only the line that says what was blocked.
+        lines = [line.strip() for line in str(err).splitlines()]
+        detail = next((line for line in lines if "unsupported" in line.lower()), lines[-1] if lines else "")
+        raise UnsafePickleError(
+            f"Refused to load {path}: it is a pickle that would import or call code when loaded ({detail}). "
+            "Weights files must hold tensors only; download them again from a source you trust."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ConversionError(
+            f"{path} is not a readable PyTorch weights file ({str(err)[:200]}): truncated or corrupt. "
+            "Delete it and run the download again."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ConversionError(f"{path} does not hold a state dict of tensors (found {type(state).__name__}).")
+    return state
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights in old pickles): copy the repeats."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = (tensor.clone() if ptr in seen else tensor).contiguous()
+        seen.add(ptr)
+    return out
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _convert_model(comp: str, src: Path, out: Path, scratch: Path, dtype: torch.dtype) -> None:
+    cls = MODEL_CLASSES[comp]
+    weights = [src / n for n in choose_weights(p.name for p in src.iterdir()) if not n.endswith(".json")]
+    load_from = src
+    if weights[0].suffix == ".bin":
+        # Tensors only, into a safetensors file the libraries load with their own key conversions.
+        state: dict[str, torch.Tensor] = {}
+        for path in weights:
+            state.update(load_pickled_state_dict(path))
+        load_from = scratch / comp
+        shutil.rmtree(load_from, ignore_errors=True)  # left by an interrupted run
+        load_from.mkdir(parents=True)
+        shutil.copyfile(src / CONFIG_FILES[comp], load_from / CONFIG_FILES[comp])
+        name = DIFFUSERS_WEIGHTS if comp in ("unet", "vae") else TRANSFORMERS_WEIGHTS
+        save_file(_unshared(state), load_from / name, metadata={"format": "pt"})
+        del state
+    dtype_kw = {"torch_dtype": dtype} if comp in ("unet", "vae") else {"dtype": dtype}
+    try:
+        model, info = cls.from_pretrained(
+            load_from, use_safetensors=True, local_files_only=True, output_loading_info=True, **dtype_kw
+        )
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ConversionError(
+            f"{comp} weights {', '.join(map(str, weights))} do not fit {src / 'config.json'}: {err}"
+        ) from err
+    _check_loading_info(comp, weights, info)
+    _check_finite(comp, weights, model)
+    model.save_pretrained(out, safe_serialization=True)
+    if load_from != src:
+        shutil.rmtree(load_from)
+
+
+def _check_loading_info(comp: str, weights: list[Path], info: dict) -> None:
+    problems = {
+        "missing": sorted(info.get("missing_keys", ())),
+        "unexpected": sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith(IGNORED_UNEXPECTED_SUFFIXES)),
+        "mis-shaped": sorted(str(k) for k in info.get("mismatched_keys", ())),
+    }
+    found = {kind: keys for kind, keys in problems.items() if keys}
+    if found:
+        listing = "; ".join(
+            f"{kind}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}" for kind, keys in found.items()
+        )
+        raise ConversionError(
+            f"{', '.join(map(str, weights))} does not match the {comp} architecture in its config ({listing})."
+        )
+
+
+def _check_finite(comp: str, weights: list[Path], model: torch.nn.Module) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConversionError(
+                f"{comp} weight {name} from {', '.join(map(str, weights))} is not finite in {tensor.dtype} "
+                "(values beyond fp16's range ±65504, or already NaN): serve it in float32 (--dtype float32)."
+            )
+
+
+def _convert_component(comp: str, src: Path, out: Path, scratch: Path, dtype: torch.dtype) -> None:
+    if comp in MODEL_CLASSES:
+        _convert_model(comp, src, out, scratch, dtype)
+    elif comp == "tokenizer":
+        JapaneseTokenizer.from_pretrained(src).save_pretrained(out)
+    elif comp == "scheduler":
+        load_scheduler(src).save_pretrained(out)  # adds SD v1's steps_offset=1 that rinna's config predates
+    elif comp == "feature_extractor":
+        CLIPImageProcessorPil.from_pretrained(src).save_pretrained(out)
+
+
+def _write_model_index(staging: Path) -> None:
+    """Load the converted folder as serving will (safetensors only) and write its ``model_index.json``."""
+    components = load_components(staging, use_safetensors=True)
+    pipe = JapaneseStableDiffusionPipeline(
+        **components, requires_safety_checker=components["safety_checker"] is not None
+    )
+    pipe.save_config(staging)
+
+
+# --------------------------------------------------------------------------- the whole checkpoint
+
+
+def existing_checkpoint(dest: Path, *, source: str, revision: str | None) -> dict | None:
+    """The manifest of ``dest`` when it already holds a verified conversion of ``source`` at ``revision``.
+
+    ``revision=None`` accepts any revision. Returns ``None`` when ``dest`` does not exist; raises
+    :class:`ConversionError` when it exists but is something else (unverified, or another source).
+    """
+    if not dest.exists():
+        return None
+    try:
+        manifest = verify_manifest(dest)
+    except WeightsVerificationError as err:
+        raise ConversionError(
+            f"{dest} exists but is not a verified checkpoint ({err}). Use --force to replace it."
+        ) from err
+    if manifest.get("source") != source or (revision is not None and manifest.get("revision") != revision):
+        raise ConversionError(
+            f"{dest} holds {manifest.get('source')}@{manifest.get('revision')}, not {source}@{revision or 'any'}. "
+            "Use --force to replace it, or choose another --dest."
+        )
+    return manifest
+
+
+def convert_checkpoint(
+    source_dir: str | Path,
+    dest: str | Path,
+    *,
+    source: str,
+    revision: str,
+    torch_dtype: torch.dtype = SERVED_DTYPE,
+    force: bool = False,
+) -> ConversionReport:
+    """Convert the checkpoint in ``source_dir`` (2022 layout or current) to the served layout at ``dest``.
+
+    Args:
+        source_dir: a local checkpoint folder (a hub snapshot, a git clone, a training output).
+        dest: the served folder to write; left alone when it already verifies for this source.
+        source: recorded in the manifest (a hub repo id or a folder).
+        revision: recorded in the manifest (the hub commit sha when known).
+        torch_dtype: dtype of the served weights (float16 for GPUs; float32 to keep full precision).
+        force: replace ``dest`` even when it holds something else.
+    """
+    source_dir, dest = Path(source_dir), Path(dest)
+    if not force and existing_checkpoint(dest, source=source, revision=revision) is not None:
+        return ConversionReport(dest, already_complete=True)
+    relpaths = select_files(local_files(source_dir))
+    staging = _staging(dest, {"source": source, "revision": revision, "dtype": str(torch_dtype)})
+    report = ConversionReport(dest, already_complete=False)
+    components = [c for c in ORDER if any(r.startswith(f"{c}/") for r in relpaths)]
+    for comp in components:
+        out = staging / comp
+        if out.is_dir():  # finished by an earlier, interrupted run (renamed into place when complete)
+            report.skipped.append(comp)
+            continue
+        tmp = staging / f".tmp-{comp}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("converting %s", comp)
+        _convert_component(comp, source_dir / comp, tmp, staging / ".scratch", torch_dtype)
+        tmp.rename(out)
+        report.converted.append(comp)
+    _write_model_index(staging)
+    for hidden in staging.glob(".*"):
+        shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
+    write_manifest(staging, source=source, revision=revision)
+    _swap_into_place(staging, dest)
+    return report
+
+
+def _staging(dest: Path, stamp: dict) -> Path:
+    """``.<dest>.staging`` beside ``dest`` (same filesystem: renames are atomic), reset if for another source."""
+    staging = dest.parent / f".{dest.name}.staging"
+    stamp_file = staging / ".stamp.json"
+    if staging.exists() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp))
+    return staging
+
+
+def _swap_into_place(staging: Path, dest: Path) -> None:
+    old = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(dest: str | Path) -> str:
+    """One line about a served folder: source, revision, files and size, from its manifest."""
+    manifest = read_manifest(dest)
+    total = sum(f["size"] for f in manifest["files"].values())
+    return (
+        f"{dest}: {manifest.get('source')}@{manifest.get('revision')}, "
+        f"{len(manifest['files'])} files, {total / 1e9:.2f} GB"
+    )

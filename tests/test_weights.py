@@ -1,0 +1,259 @@
+"""Conversion of rinna's 2022 checkpoint to the served layout, and the checksum manifest serving verifies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from rinna2022 import write_2022_checkpoint
+from safetensors import safe_open
+
+from jsd import convert, manifest
+from jsd.convert import ConversionError, UnsafePickleError, convert_checkpoint, select_files
+from jsd.loading import load_components
+from jsd.manifest import WeightsVerificationError, verify_manifest, write_manifest
+from jsd.pipelines import JapaneseStableDiffusionPipeline
+
+MODELS = ("unet", "vae", "text_encoder", "safety_checker")
+
+
+@pytest.fixture(scope="module")
+def old_checkpoint(tmp_path_factory, tiny_checkpoint):
+    """The tiny checkpoint's weights in rinna's 2022 layout. Read-only."""
+    return write_2022_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("rinna2022") / "hub")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, old_checkpoint):
+    """``old_checkpoint`` converted to the served layout. Read-only."""
+    dest = tmp_path_factory.mktemp("served") / "weights"
+    report = convert_checkpoint(old_checkpoint, dest, source="rinna/japanese-stable-diffusion", revision="0123abc")
+    assert report.converted and not report.already_complete
+    return dest
+
+
+class Evil:
+    """A pickle payload: unpickling it would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def test_converted_folder_is_the_served_layout_with_fp16_safetensors_only(converted):
+    assert not list(converted.rglob("*.bin"))
+    index = json.loads((converted / "model_index.json").read_text())
+    assert index["tokenizer"] == ["jsd", "JapaneseTokenizer"]
+    assert index["_diffusers_version"] != "0.4.1"
+    scheduler = json.loads((converted / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["steps_offset"] == 1 and scheduler["_class_name"] == "PNDMScheduler"
+    tokenizer = json.loads((converted / "tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer["tokenizer_class"] == "JapaneseTokenizer" and tokenizer["do_lower_case"] is True
+    text_config = json.loads((converted / "text_encoder" / "config.json").read_text())
+    assert text_config["dtype"] == "float16" and "torch_dtype" not in text_config
+    for name in MODELS:
+        (weights,) = (converted / name).glob("*.safetensors")
+        with safe_open(weights, "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            assert dtypes == {"F16"}, f"{weights} holds {dtypes}"
+            assert not any(k.endswith("position_ids") for k in f.keys())  # noqa: SIM118
+
+
+def test_converted_weights_equal_the_originals_in_fp16_with_2022_key_names_mapped(converted, tiny_checkpoint):
+    original = load_components(tiny_checkpoint, use_safetensors=True)
+    served = load_components(converted, use_safetensors=True)
+    for name in MODELS:
+        want, got = original[name].state_dict(), served[name].state_dict()
+        assert got.keys() == want.keys(), name
+        for key, tensor in want.items():
+            expected = tensor.half() if tensor.is_floating_point() else tensor
+            assert torch.equal(got[key], expected), f"{name}.{key}"
+
+
+def test_converted_folder_verifies_records_its_source_and_serves_images(converted, tiny_checkpoint):
+    recorded = verify_manifest(converted)
+    assert (recorded["source"], recorded["revision"]) == ("rinna/japanese-stable-diffusion", "0123abc")
+    pipe = JapaneseStableDiffusionPipeline.from_pretrained(converted, use_safetensors=True, torch_dtype=torch.float32)
+    reference = JapaneseStableDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    assert pipe.tokenizer(["猫の油絵"]).input_ids == reference.tokenizer(["猫の油絵"]).input_ids
+    image = pipe("猫の油絵", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and image.std() > 0
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_executed(tmp_path, old_checkpoint):
+    source = shutil.copytree(old_checkpoint, tmp_path / "hub")
+    marker = tmp_path / "pwned"
+    evil = source / "text_encoder" / "pytorch_model.bin"
+    torch.save({"text_model.embeddings.token_embedding.weight": torch.zeros(2, 2), "x": Evil(marker)}, evil)
+    with pytest.raises(UnsafePickleError, match=r"text_encoder/pytorch_model\.bin.*(posix|os)\.system"):
+        convert_checkpoint(source, tmp_path / "weights", source="hub", revision="r")
+    assert not marker.exists()
+    assert not (tmp_path / "weights").exists()
+
+
+def test_truncated_pickle_is_named(tmp_path, old_checkpoint):
+    source = shutil.copytree(old_checkpoint, tmp_path / "hub")
+    vae = source / "vae" / "diffusion_pytorch_model.bin"
+    vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
+    with pytest.raises(ConversionError, match=r"vae/diffusion_pytorch_model\.bin is not a readable .*truncated"):
+        convert_checkpoint(source, tmp_path / "weights", source="hub", revision="r")
+
+
+def test_weights_of_another_architecture_are_refused_with_the_keys(tmp_path, old_checkpoint):
+    source = shutil.copytree(old_checkpoint, tmp_path / "hub")
+    unet = source / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(unet, weights_only=True)
+    del state["conv_in.weight"]
+    torch.save(state, unet)
+    with pytest.raises(ConversionError, match=r"unet.*conv_in\.weight"):
+        convert_checkpoint(source, tmp_path / "weights", source="hub", revision="r")
+
+
+def test_an_interrupted_conversion_resumes_and_a_complete_one_is_a_no_op(tmp_path, monkeypatch, old_checkpoint):
+    real = convert._convert_component
+    calls = []
+
+    def interrupted_at_unet(comp, *args):
+        calls.append(comp)
+        if comp == "unet" and calls.count("unet") == 1:
+            raise KeyboardInterrupt
+        return real(comp, *args)
+
+    monkeypatch.setattr(convert, "_convert_component", interrupted_at_unet)
+    dest = tmp_path / "weights"
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(old_checkpoint, dest, source="hub", revision="r")
+    assert not dest.exists()
+    report = convert_checkpoint(old_checkpoint, dest, source="hub", revision="r")
+    assert report.converted == ["unet"] and "text_encoder" in report.skipped
+    verify_manifest(dest)
+    calls.clear()
+    again = convert_checkpoint(old_checkpoint, dest, source="hub", revision="r")
+    assert again.already_complete and calls == []
+    assert not list(tmp_path.glob(".weights.*"))
+
+
+def test_dest_holding_something_else_is_kept_unless_forced(tmp_path, old_checkpoint, converted):
+    dest = shutil.copytree(converted, tmp_path / "weights")
+    with pytest.raises(ConversionError, match="holds rinna/japanese-stable-diffusion@0123abc, not other@r"):
+        convert_checkpoint(old_checkpoint, dest, source="other", revision="r")
+    (dest / "unet" / "config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"not a verified checkpoint .*unet/config\.json.*--force"):
+        convert_checkpoint(old_checkpoint, dest, source="rinna/japanese-stable-diffusion", revision="0123abc")
+    convert_checkpoint(old_checkpoint, dest, source="other", revision="r", force=True)
+    assert verify_manifest(dest)["source"] == "other"
+
+
+def test_select_files_prefers_safetensors_ignores_variants_and_names_what_is_missing():
+    names = [
+        "model_index.json",
+        "japanese-stable-diffusion.ckpt",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/config.json",
+        "text_encoder/pytorch_model-00001-of-00002.bin",
+        "text_encoder/pytorch_model-00002-of-00002.bin",
+        "text_encoder/pytorch_model.bin.index.json",
+        "tokenizer/spiece.model",
+        "tokenizer/tokenizer_config.json",
+        "scheduler/scheduler_config.json",
+        "README.md",
+    ]
+    chosen = select_files(names)
+    assert "unet/diffusion_pytorch_model.safetensors" in chosen
+    assert not {"unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors"} & set(chosen)
+    assert "text_encoder/pytorch_model.bin.index.json" in chosen and "text_encoder/pytorch_model-00002-of-00002.bin"
+    assert not {"japanese-stable-diffusion.ckpt", "README.md"} & set(chosen)
+    with pytest.raises(ConversionError, match=r"lacks .*tokenizer/spiece\.model.*vae/"):
+        select_files([n for n in names if not n.startswith(("vae/", "tokenizer/spiece"))])
+    with pytest.raises(ConversionError, match=r"feature_extractor/preprocessor_config\.json"):
+        select_files([*names, "safety_checker/config.json", "safety_checker/pytorch_model.bin"])
+
+
+# --------------------------------------------------------------------------- manifest verification
+
+
+@pytest.fixture
+def served(tmp_path, tiny_checkpoint):
+    return shutil.copytree(tiny_checkpoint, tmp_path / "weights")
+
+
+def test_missing_manifest_is_named(served):
+    (served / "manifest.json").unlink()
+    with pytest.raises(WeightsVerificationError, match=r"weights/manifest\.json is missing"):
+        verify_manifest(served)
+
+
+def test_missing_truncated_and_altered_files_are_named(served):
+    unet = served / "unet" / "diffusion_pytorch_model.safetensors"
+    data = unet.read_bytes()
+    unet.write_bytes(data[:-1])
+    with pytest.raises(WeightsVerificationError, match=rf"{unet} has {len(data) - 1} bytes.*truncated"):
+        verify_manifest(served)
+    unet.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    with pytest.raises(WeightsVerificationError, match=rf"{unet} does not match its sha256.*altered"):
+        verify_manifest(served)
+    unet.unlink()
+    with pytest.raises(WeightsVerificationError, match=rf"{unet} is missing"):
+        verify_manifest(served)
+
+
+def test_blocks_locate_the_change_and_a_whole_file_hash_still_verifies(served, monkeypatch):
+    monkeypatch.setattr(manifest, "BLOCK_SIZE", 1024)
+    write_manifest(served, source="tiny", revision="r")
+    recorded = json.loads((served / "manifest.json").read_text())
+    vae = served / "vae" / "diffusion_pytorch_model.safetensors"
+    assert len(recorded["files"]["vae/diffusion_pytorch_model.safetensors"]["blocks"]) == -(-vae.stat().st_size // 1024)
+    verify_manifest(served)
+    data = bytearray(vae.read_bytes())
+    data[1500] ^= 0xFF
+    vae.write_bytes(bytes(data))
+    with pytest.raises(WeightsVerificationError, match=r"vae/diffusion_pytorch_model\.safetensors .*bytes 1024-2047"):
+        verify_manifest(served)
+    # A manifest without blocks (as first written) is checked file by file.
+    for entry in recorded["files"].values():
+        entry.pop("blocks")
+    (served / "manifest.json").write_text(json.dumps(recorded))
+    with pytest.raises(WeightsVerificationError, match=r"vae/diffusion_pytorch_model\.safetensors does not match"):
+        verify_manifest(served)
+    data[1500] ^= 0xFF
+    vae.write_bytes(bytes(data))
+    assert verify_manifest(served)["source"] == "tiny"
+
+
+def test_an_unlisted_weights_file_is_refused_but_other_extras_are_not(served):
+    (served / "README.md").write_text("notes")
+    verify_manifest(served)
+    stray = served / "text_encoder" / "pytorch_model.bin"
+    stray.write_bytes(b"not verified")
+    with pytest.raises(WeightsVerificationError, match=rf"{stray} is not listed"):
+        verify_manifest(served)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: "{not json", "is not valid JSON"),
+        (lambda m: json.dumps(m | {"files": {}}), "lists no files"),
+        (lambda m: json.dumps(m | {"format": 99}), "format 99"),
+        (lambda m: json.dumps(m | {"files": {"../secret": {"size": 1, "sha256": "0"}}}), "not a path inside"),
+        (lambda m: json.dumps(m | {"files": {"unet/config.json": {"sha256": "0"}}}), "lacks an integer size"),
+    ],
+)
+def test_malformed_manifests_are_refused(served, edit, message):
+    path = served / "manifest.json"
+    path.write_text(edit(json.loads(path.read_text())))
+    with pytest.raises(WeightsVerificationError, match=message):
+        verify_manifest(served)
