@@ -38,6 +38,7 @@ WORD_START = "▁"  # sentencepiece's word-boundary marker
 # A chunk may end after a piece ending with one of these, or before a piece starting a word.
 _BREAK_AFTER = frozenset("、。，．,.!?！？;；:：・」』】）)]")
 _BREAK_LOOKBACK = 20  # pieces to look back for such a boundary (A1111 uses 20 for commas)
+_MEAN_TOLERANCE = 0.01  # below this fraction of the mean |value|, a chunk's mean is treated as zero
 _OPEN, _CLOSE = "(（", ")）"
 _ESCAPE = "\\"
 _ESCAPABLE = frozenset("()（）\\")
@@ -377,16 +378,22 @@ def encode_reports(
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Multiply each token's hidden state by its weight, then restore each chunk's mean (A1111's rule).
 
-    Chunks whose weights are all 1.0 are returned untouched, bit for bit.
+    Chunks whose weights are all 1.0 are returned untouched, bit for bit. Where a chunk's mean is close
+    to zero (within 1% of its mean absolute value) the ratio of means is noise that could blow up or flip
+    the sign of the embeddings, so such a chunk is only multiplied.
     """
     rows = (weights != 1.0).any(dim=1).to(hidden.device)
     if not bool(rows.any()):
         return hidden
     chunk = hidden[rows].float()  # float32: fp16 means of 77×768 values lose precision
     weighted = chunk * weights[rows.cpu()].to(chunk.device, torch.float32).unsqueeze(-1)
-    weighted = weighted * (chunk.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    before, after = chunk.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    defined = (before.abs() > _MEAN_TOLERANCE * chunk.abs().mean(dim=(1, 2), keepdim=True)) & (
+        after.abs() > _MEAN_TOLERANCE * weighted.abs().mean(dim=(1, 2), keepdim=True)
+    )
+    ratio = torch.where(defined & (before * after > 0), before / after, torch.ones_like(before))
     out = hidden.clone()
-    out[rows] = weighted.to(hidden.dtype)
+    out[rows] = (weighted * ratio).to(hidden.dtype)
     return out
 
 
