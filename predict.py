@@ -1,0 +1,122 @@
+"""Cog entry point (cog.yaml ``run: predict.py:Predictor``): typed inputs → one jsd.serving call → image files.
+
+Run it with Docker (``cog predict -i prompt=...``) or without (``python scripts/cog_local.py predict ...``).
+The logic lives in :mod:`jsd.serving`; this file only maps Cog's inputs and outputs onto it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+from cog import BaseRunner, Input, Path
+
+from jsd import serving
+from jsd.manifest import verify_manifest
+from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
+
+# Never reach the network from a prediction: the weights are local (JSD_WEIGHTS, default weights/).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+logger = logging.getLogger("jsd.predict")
+SIDES = list(range(serving.MIN_SIDE, serving.MAX_SIDE + 1, serving.SIZE_STEP))
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Verify the checkpoint against its manifest, then load it once (CUDA fp16, else CPU fp32)."""
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        folder = os.environ.get("JSD_WEIGHTS", "weights")
+        start = time.perf_counter()
+        manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
+        verified = time.perf_counter()
+        pipe = serving.load_pipeline(folder)
+        loaded = time.perf_counter()
+        self.generator = serving.ImageGenerator(pipe, model_revision=str(manifest.get("revision", "unknown")))
+        logger.info(
+            "Loaded %s (revision %s) on %s/%s: verify %.1f s, load %.1f s",
+            folder,
+            self.generator.model_revision,
+            pipe.device,
+            pipe.dtype,
+            verified - start,
+            loaded - verified,
+        )
+        if not self.generator.has_safety_checker:
+            logger.warning("This checkpoint has no safety checker: images are returned unchecked.")
+
+    def run(
+        self,
+        prompt: str = Input(description="What to draw, in Japanese.", default=serving.DEFAULT_PROMPT),
+        negative_prompt: str = Input(description="What not to draw.", default=""),
+        width: int = Input(description="Output width in pixels.", choices=SIDES, default=512),
+        height: int = Input(description="Output height in pixels.", choices=SIDES, default=512),
+        num_outputs: int = Input(
+            description=f"Number of images. width × height × num_outputs must stay within {serving.MAX_PIXELS:,} "
+            "pixels (four 768×768 images).",
+            ge=1,
+            le=serving.MAX_OUTPUTS,
+            default=1,
+        ),
+        num_inference_steps: int = Input(description="Denoising steps.", ge=1, le=serving.MAX_STEPS, default=25),
+        guidance_scale: float = Input(
+            description="How closely to follow the prompt (classifier-free guidance).",
+            ge=1,
+            le=serving.MAX_GUIDANCE,
+            default=7.5,
+        ),
+        scheduler: str = Input(description="Sampler.", choices=scheduler_names(), default=DEFAULT_SCHEDULER),
+        seed: int | None = Input(
+            description="Seed of the first image; image i uses seed + i. Leave empty for a random seed.",
+            ge=0,
+            le=serving.MAX_SEED,
+            default=None,
+        ),
+        image: Path | None = Input(  # noqa: B008 (Cog reads inputs from the defaults)
+            description="Starting image for img2img (resized to width × height).", default=None
+        ),
+        mask: Path | None = Input(  # noqa: B008
+            description="Inpainting mask for `image`: white is repainted, black is kept.", default=None
+        ),
+        prompt_strength: float = Input(
+            description="How much of `image` (or of the masked area) to replace; 1.0 replaces it all.",
+            ge=0,
+            le=1,
+            default=0.8,
+        ),
+        output_format: str = Input(
+            description="Image file format.", choices=list(serving.OUTPUT_FORMATS), default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality of webp/jpg files (png is lossless).", ge=1, le=100, default=90
+        ),
+        disable_safety_checker: bool = Input(
+            description="Return images the safety checker would flag as NSFW.", default=False
+        ),
+    ) -> list[Path]:
+        request = serving.GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            seed=seed,
+            image=image,
+            mask=mask,
+            prompt_strength=prompt_strength,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+        )
+        result = self.generator.generate(request)
+        self.record_metric("seeds", result.seeds)
+        self.record_metric("nsfw_filtered", len(result.flagged_seeds))
+        self.record_metric("inference_seconds", round(result.inference_seconds, 3))
+        logger.info("Seeds %s; returned %d image(s)", result.seeds, len(result.images))
+        return [Path(p) for p in result.save(tempfile.mkdtemp(prefix="jsd-"))]

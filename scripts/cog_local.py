@@ -1,0 +1,436 @@
+"""Cog without Docker: serve predict.py with coglet (Cog 0.23's server), or run one prediction.
+
+    python scripts/cog_local.py serve --port 5000                  # http://127.0.0.1:5000/predictions
+    python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
+    python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
+    python scripts/cog_local.py schema                             # print the OpenAPI schema
+
+``serve`` writes ``.cog/openapi_schema.json`` from the predictor with Cog's own inspection (what
+``cog build`` would do; without it coglet validates no input) and starts coglet with this venv's
+``bin/`` first on ``PATH`` (coglet starts its worker with the ``python`` found there). ``predict``
+takes ``cog predict``'s ``-i key=value`` inputs (file inputs as ``@path`` or a path), starts a server
+on a free port (or uses ``--url``), writes the output files into ``-o DIR`` and exits non-zero with
+the error when the prediction fails. Weights come from ``--weights`` (default ``$JSD_WEIGHTS`` or
+``weights/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import importlib.util
+import json
+import mimetypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PREDICTOR_REF = "predict.py:Predictor"
+SCHEMA_PATH = Path(".cog") / "openapi_schema.json"  # where coglet looks, relative to its working directory
+
+
+# ---- the OpenAPI schema, from Cog's own inspection of the predictor ------------------------------------
+
+
+def openapi_schema(predictor_ref: str = PREDICTOR_REF) -> dict:
+    """The OpenAPI document ``cog build`` writes, built from ``cog._inspector``'s view of the predictor.
+
+    Input fields, their JSON types, defaults, bounds and choices all come from Cog's inspection
+    (``create_predictor``), so the schema cannot drift from the ``run()`` signature.
+    """
+    from cog import _inspector
+
+    path, class_name = predictor_ref.split(":")
+    path = (REPO / path).resolve()
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # create_predictor imports the module by name
+    spec.loader.exec_module(module)
+    info = _inspector.create_predictor(path.stem, class_name)
+    schemas = {"Input": _input_schema(info), "Output": info.output.json_type()}
+    schemas |= {
+        name: {"title": name, "description": "An enumeration.", "enum": field.choices}
+        | field.type.primitive.json_type()
+        for name, field in info.inputs.items()
+        if field.choices is not None
+    }
+    schemas |= _envelope_schemas()
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": _paths(),
+        "components": {"schemas": schemas},
+    }
+
+
+def _input_schema(info) -> dict:
+    from cog import _adt
+
+    properties, required = {}, []
+    for name, field in info.inputs.items():
+        prop: dict = {"x-order": field.order}
+        if field.choices is not None:
+            prop["allOf"] = [{"$ref": f"#/components/schemas/{name}"}]
+        else:
+            prop |= {"title": name.replace("_", " ").title()} | field.type.json_type()
+        if field.default is not None:
+            prop["default"] = field.type.json_encode(field.type.normalize(field.default))
+        elif field.type.repetition in (_adt.Repetition.REQUIRED, _adt.Repetition.REPEATED):
+            required.append(name)
+        if field.type.repetition is _adt.Repetition.OPTIONAL:
+            prop["nullable"] = True
+        constraints = {
+            "description": field.description,
+            "minimum": field.ge,
+            "maximum": field.le,
+            "minLength": field.min_length,
+            "maxLength": field.max_length,
+            "pattern": field.regex,
+        }
+        prop |= {key: value for key, value in constraints.items() if value is not None}
+        properties[name] = prop
+    schema = {"title": "Input", "type": "object", "properties": properties}
+    return schema | ({"required": required} if required else {})
+
+
+def _paths() -> dict:
+    ok = {"200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}}
+    invalid = {
+        "422": {
+            "description": "Validation Error",
+            "content": {"application/json": {"schema": _ref("HTTPValidationError")}},
+        }
+    }
+    body = {"content": {"application/json": {"schema": _ref("PredictionRequest")}}}
+    response = {
+        "200": {
+            "description": "Successful Response",
+            "content": {"application/json": {"schema": _ref("PredictionResponse")}},
+        }
+    }
+    cancel_param = {
+        "required": True,
+        "schema": {"title": "Prediction Id", "type": "string"},
+        "name": "prediction_id",
+        "in": "path",
+    }
+    return {
+        "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": ok}},
+        "/health-check": {
+            "get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": ok}
+        },
+        "/predictions": {
+            "post": {
+                "summary": "Predict",
+                "description": "Run a single prediction on the model",
+                "operationId": "predict_predictions_post",
+                "requestBody": body,
+                "responses": response | invalid,
+            }
+        },
+        "/predictions/{prediction_id}/cancel": {
+            "post": {
+                "summary": "Cancel",
+                "operationId": "cancel_predictions__prediction_id__cancel_post",
+                "parameters": [cancel_param],
+                "responses": ok | invalid,
+            }
+        },
+    }
+
+
+def _envelope_schemas() -> dict:
+    text = {"type": "string"}
+    when = {"type": "string", "format": "date-time"}
+    return {
+        "PredictionRequest": {
+            "title": "PredictionRequest",
+            "type": "object",
+            "properties": {"id": text, "input": _ref("Input")},
+        },
+        "PredictionResponse": {
+            "title": "PredictionResponse",
+            "type": "object",
+            "properties": {
+                "input": _ref("Input"),
+                "output": _ref("Output"),
+                "id": text,
+                "version": text,
+                "created_at": when,
+                "started_at": when,
+                "completed_at": when,
+                "status": text,
+                "error": text,
+                "logs": text,
+                "metrics": {"type": "object"},
+            },
+        },
+        "HTTPValidationError": {
+            "title": "HTTPValidationError",
+            "type": "object",
+            "properties": {"detail": {"type": "array", "items": _ref("ValidationError")}},
+        },
+        "ValidationError": {
+            "title": "ValidationError",
+            "type": "object",
+            "required": ["loc", "msg", "type"],
+            "properties": {
+                "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                "msg": text,
+                "type": text,
+            },
+        },
+    }
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def write_schema(workdir: Path, predictor_ref: str = PREDICTOR_REF) -> Path:
+    """Write ``workdir/.cog/openapi_schema.json`` (atomically: other servers may be reading it)."""
+    path = workdir / SCHEMA_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(openapi_schema(predictor_ref), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---- coglet ----------------------------------------------------------------------------------------
+
+
+def server_command(host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "cog.server.http", "--host", host]
+
+
+def server_env(port: int, weights: str | os.PathLike, predictor_ref: str = PREDICTOR_REF) -> dict[str, str]:
+    """coglet's environment: the predictor (absolute, so any working directory works), port, weights and PATH."""
+    path, class_name = predictor_ref.split(":")
+    env = dict(os.environ)
+    env["COG_PREDICT_TYPE_STUB"] = f"{(REPO / path).resolve()}:{class_name}"
+    env["PORT"] = str(port)
+    env["JSD_WEIGHTS"] = str(Path(weights).resolve())
+    # coglet starts its worker with the `python` on PATH: it must be this interpreter's venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def health(url: str) -> dict:
+    """``GET /health-check`` as JSON; ``{"status": "UNREACHABLE"}`` while the server is not listening."""
+    try:
+        with urllib.request.urlopen(f"{url}/health-check", timeout=5) as response:
+            return json.load(response)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+        return {"status": "UNREACHABLE"}
+
+
+def wait_for_setup(url: str, process: subprocess.Popen | None, timeout: float) -> dict:
+    """Poll health until READY or SETUP_FAILED (returned), or raise if the server dies or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = health(url)
+        if state.get("status") in ("READY", "SETUP_FAILED"):
+            return state
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"coglet exited with status {process.returncode} before setup finished.")
+        time.sleep(0.25)
+    raise TimeoutError(f"coglet at {url} did not finish setup within {timeout:.0f} s (last health: {state}).")
+
+
+@contextlib.contextmanager
+def running_server(weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None):
+    """Start coglet on 127.0.0.1 (schema written first); yields ``(url, process)``; always stops it."""
+    port = port or free_port()
+    write_schema(workdir)
+    process = subprocess.Popen(
+        server_command(),
+        cwd=workdir,
+        env=server_env(port, weights),
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopping it also stops its worker
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stop_server(process)
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop coglet and its worker (the process group this script started), forcefully if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived coglet
+
+
+# ---- predictions ----------------------------------------------------------------------------------
+
+
+def post_prediction(url: str, inputs: dict, *, timeout: float | None = None) -> tuple[int, dict]:
+    """``POST /predictions`` (synchronous); returns the HTTP status and the JSON body."""
+    data = json.dumps({"input": inputs}).encode()
+    request = urllib.request.Request(
+        f"{url}/predictions", data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except json.JSONDecodeError:
+            return err.code, {"detail": body.decode(errors="replace")}
+
+
+def parse_inputs(pairs: list[str], schema: dict) -> dict:
+    """``key=value`` strings typed by the schema, like ``cog predict -i``; file inputs become data URIs."""
+    properties = schema["components"]["schemas"]["Input"]["properties"]
+    inputs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"-i expects key=value, got {pair!r}.")
+        if key not in properties:
+            raise SystemExit(f"Unknown input {key!r}; inputs are: {', '.join(properties)}.")
+        inputs[key] = _typed(value, _json_type(properties[key], schema))
+    return inputs
+
+
+def _json_type(prop: dict, schema: dict) -> dict:
+    if "allOf" in prop:  # choices live in their own component
+        return schema["components"]["schemas"][prop["allOf"][0]["$ref"].rsplit("/", 1)[1]]
+    return prop
+
+
+def _typed(value: str, prop: dict):
+    kind = prop.get("type")
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            return float(value)
+    except ValueError:
+        return value  # sent as typed; the server's validation names the input
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(value.lower(), value)
+    if prop.get("format") == "uri" and not value.startswith(("http://", "https://", "data:")):
+        return _data_uri(Path(value.removeprefix("@")))
+    return value
+
+
+def _data_uri(path: Path) -> str:
+    if not path.is_file():
+        raise SystemExit(f"Input file {path} does not exist.")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def write_outputs(output, folder: Path) -> list[Path]:
+    """Decode the data URIs coglet returns (no upload URL set) into ``folder/output.{i}.{ext}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = output if isinstance(output, list) else [output]
+    paths = []
+    for index, uri in enumerate(outputs):
+        header, _, payload = uri.partition(",")
+        mime = header.removeprefix("data:").split(";")[0]
+        ext = (
+            {"image/webp": ".webp", "image/png": ".png", "image/jpeg": ".jpg"}.get(mime)
+            or mimetypes.guess_extension(mime)
+            or ""
+        )
+        path = folder / f"output.{index}{ext}"
+        path.write_bytes(base64.b64decode(payload))
+        paths.append(path)
+    return paths
+
+
+def error_text(status: int, body: dict) -> str:
+    """What went wrong, from a 422 (``detail[].loc/msg``) or a failed prediction (``error``)."""
+    if status == 422 and isinstance(body.get("detail"), list):
+        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
+    return str(body.get("error") or body.get("detail") or body)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def cmd_schema(args) -> int:
+    print(json.dumps(openapi_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    path = write_schema(REPO)
+    print(f"Wrote {path}; serving on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
+    os.chdir(REPO)
+    os.execve(sys.executable, server_command(args.host), server_env(args.port, args.weights))
+
+
+def cmd_predict(args) -> int:
+    schema = openapi_schema()
+    inputs = parse_inputs(args.input, schema)
+    if args.url:
+        return _predict_at(args.url.rstrip("/"), inputs, args)
+    with running_server(args.weights, workdir=REPO, log=sys.stderr) as (url, process):
+        state = wait_for_setup(url, process, args.setup_timeout)
+        if state["status"] != "READY":
+            print(f"Setup failed: {json.dumps(state, ensure_ascii=False)}", file=sys.stderr)
+            return 1
+        return _predict_at(url, inputs, args)
+
+
+def _predict_at(url: str, inputs: dict, args) -> int:
+    status, body = post_prediction(url, inputs)
+    if status != 200 or body.get("status") != "succeeded":
+        print(f"Prediction failed ({status} {body.get('status', '')}): {error_text(status, body)}", file=sys.stderr)
+        return 1
+    for path in write_outputs(body["output"], Path(args.output)):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    weights = os.environ.get("JSD_WEIGHTS", "weights")
+    serve = sub.add_parser("serve", help="start coglet on --host:--port")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--weights", default=weights, help="served checkpoint folder (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+    predict = sub.add_parser("predict", help="run one prediction and write its files")
+    predict.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
+    predict.add_argument("-o", "--output", default=".", metavar="DIR", help="folder for the output files")
+    predict.add_argument("--weights", default=weights, help="served checkpoint folder (default: %(default)s)")
+    predict.add_argument("--url", help="use a running server instead of starting one")
+    predict.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for setup()")
+    predict.set_defaults(func=cmd_predict)
+    sub.add_parser("schema", help="print the OpenAPI schema").set_defaults(func=cmd_schema)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Start the real Cog server (coglet) on 127.0.0.1 with a given weights folder, for tests.
+
+    from cogserver import cog_server                # tests/ is on sys.path under pytest
+
+    with cog_server(weights_folder) as server:      # waits for READY or SETUP_FAILED (bounded)
+        assert server.status == "READY"
+        code, body = server.predict({"prompt": "猫", "seed": 1})
+
+The server runs in a temporary working directory holding its own ``.cog/openapi_schema.json`` (written
+by ``scripts/cog_local.py`` from the predictor), in its own process group, and is always killed on exit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP_TIMEOUT = 240.0  # seconds: importing torch/diffusers on 2 busy cores is most of it
+
+
+def _load_cog_local():
+    spec = importlib.util.spec_from_file_location("cog_local", REPO / "scripts" / "cog_local.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cog_local = _load_cog_local()
+
+
+@dataclass
+class CogServer:
+    """A running coglet: its URL, its health at the end of setup, and small HTTP helpers."""
+
+    url: str
+    status: str  # "READY" or "SETUP_FAILED" once the context manager yields
+    setup: dict
+    log_path: Path
+
+    def health(self) -> dict:
+        return cog_local.health(self.url)
+
+    def predict(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
+        """Synchronous ``POST /predictions``: (HTTP status, JSON body).
+
+        coglet answers a prediction a moment before it frees its slot, so a request sent right after
+        another can get 409; it is retried for up to ``wait_if_busy`` seconds (0: return the 409).
+        """
+        deadline = time.monotonic() + wait_if_busy
+        while True:
+            status, body = cog_local.post_prediction(self.url, inputs, timeout=timeout)
+            if status != 409 or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.05)
+
+    def request(self, method: str, path: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, dict]:
+        """Any request; the body is JSON-decoded where possible (``{"raw": text}`` otherwise)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"{self.url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                return response.status, _json(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, _json(err.read())
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _json(raw: bytes) -> dict:
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {"raw": raw.decode(errors="replace")}
+
+
+@contextmanager
+def cog_server(weights: str | Path, *, setup_timeout: float = SETUP_TIMEOUT) -> Iterator[CogServer]:
+    """coglet serving ``predict.py:Predictor`` with ``JSD_WEIGHTS=weights`` on a free 127.0.0.1 port.
+
+    Yields once health is READY or SETUP_FAILED (check ``server.status``); raises if neither comes
+    within ``setup_timeout`` seconds. The server and its worker are killed on exit, always.
+    """
+    with tempfile.TemporaryDirectory(prefix="jsd-cog-") as tmp:
+        workdir = Path(tmp)
+        log_path = workdir / "coglet.log"
+        with open(log_path, "wb") as log, cog_local.running_server(weights, workdir=workdir, log=log) as (url, proc):
+            try:
+                setup = cog_local.wait_for_setup(url, proc, setup_timeout)
+            except (TimeoutError, RuntimeError) as err:
+                raise RuntimeError(
+                    f"{err}\n--- coglet log ---\n{log_path.read_text(errors='replace')[-4000:]}"
+                ) from err
+            yield CogServer(url=url, status=setup["status"], setup=setup, log_path=log_path)

@@ -1,0 +1,191 @@
+"""predict.py through the real Cog server (coglet) on 127.0.0.1, with a tiny seeded checkpoint.
+
+One server for the whole module (starting it costs most of the time); every test leaves it READY.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import pytest
+from cogserver import cog_server
+from PIL import Image
+
+from jsd.serving import read_metadata
+
+pytestmark = pytest.mark.slow
+FAST = {"width": 128, "height": 128, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    with cog_server(tiny_checkpoint) as server:
+        assert server.status == "READY", server.logs()[-3000:]
+        yield server
+
+
+def decode(uri: str) -> tuple[bytes, Image.Image]:
+    payload = uri.partition(",")[2]
+    data = base64.b64decode(payload)
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return data, image
+
+
+def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def assert_ready(server) -> None:
+    assert server.health()["status"] == "READY"
+
+
+def test_setup_logs_have_no_deprecation_warnings_and_report_the_weights(server):
+    logs = server.setup.get("logs", "") + server.logs()
+    assert "deprecat" not in logs.lower()
+    assert "revision tiny-seed0" in logs  # setup logged which weights it verified and loaded
+
+
+def test_valid_request_returns_decodable_images_of_the_requested_size(server):
+    status, body = server.predict(FAST | {"width": 192, "num_outputs": 2, "seed": 11, "prompt": "富士山 水彩"})
+
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 2
+    for uri in body["output"]:
+        assert uri.startswith("data:image/webp;base64,")
+        _, image = decode(uri)
+        assert image.format == "WEBP" and image.size == (192, 128)
+    assert body["metrics"]["seeds"] == [11, 12]
+
+
+def test_output_files_carry_the_settings(server, tmp_path):
+    _, body = server.predict(FAST | {"seed": 5, "output_format": "png", "scheduler": "DDIM", "prompt": "猫 油絵"})
+
+    assert body["status"] == "succeeded", body.get("error")
+    data, _ = decode(body["output"][0])
+    (tmp_path / "out.png").write_bytes(data)
+    meta = read_metadata(tmp_path / "out.png")
+    assert meta["prompt"] == "猫 油絵" and meta["seed"] == "5" and meta["scheduler"] == "DDIM"
+    assert meta["num_inference_steps"] == "2" and meta["guidance_scale"] == "7.5"
+    assert meta["model_revision"] == "tiny-seed0"
+
+
+def test_same_seed_gives_the_same_bytes(server):
+    request = FAST | {"seed": 1234, "output_format": "png"}
+    first, second, other = (server.predict(r)[1] for r in (request, request, request | {"seed": 1235}))
+    assert first["status"] == second["status"] == other["status"] == "succeeded"
+
+    assert first["output"] == second["output"]
+    assert first["output"] != other["output"]
+
+
+def test_missing_seed_is_random_and_reported(server):
+    seeds = [server.predict(FAST)[1]["metrics"]["seeds"][0] for _ in range(2)]
+    assert seeds[0] != seeds[1]
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_img2img_and_inpaint_accept_image_and_mask_data(server):
+    picture = Image.new("RGB", (300, 200), (200, 40, 40))
+    mask = Image.new("L", (300, 200), 0)
+    mask.paste(255, (100, 50, 200, 150))
+
+    for inputs in ({"image": data_uri(picture)}, {"image": data_uri(picture, "JPEG"), "mask": data_uri(mask)}):
+        _, body = server.predict(FAST | {"width": 256, "seed": 3} | inputs)
+        assert body["status"] == "succeeded", body.get("error")
+        assert decode(body["output"][0])[1].size == (256, 128)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "name"),
+    [
+        ({"width": 100}, "width"),
+        ({"height": "tall"}, "height"),
+        ({"num_outputs": 9}, "num_outputs"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": "x"}, "guidance_scale"),
+        ({"scheduler": "Karras?"}, "scheduler"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt_strength": 1.5}, "prompt_strength"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"disable_safety_checker": "maybe"}, "disable_safety_checker"),
+    ],
+)
+def test_schema_violations_get_422_naming_the_input(server, inputs, name):
+    status, body = server.predict(FAST | inputs)
+
+    assert status == 422, body
+    assert any(d["loc"][-1] == name for d in body["detail"]), body
+    assert_ready(server)
+
+
+BROKEN = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not really a png").decode()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needle"),
+    [
+        ({"width": 1024, "height": 1024, "num_outputs": 4}, "`num_outputs`"),
+        ({"image": BROKEN}, "`image` could not be read as an image"),
+        ({"image": data_uri(Image.new("RGB", (64, 64))), "mask": BROKEN}, "`mask` could not be read as an image"),
+        ({"mask": data_uri(Image.new("L", (64, 64)))}, "`mask` was given without `image`"),
+        ({"image": data_uri(Image.new("RGB", (64, 64))), "prompt_strength": 0.1}, "`prompt_strength`"),
+    ],
+)
+def test_inputs_the_schema_cannot_judge_fail_the_prediction_naming_the_input(server, inputs, needle):
+    start = time.monotonic()
+    status, body = server.predict(FAST | inputs)
+
+    assert status == 200 and body["status"] == "failed"
+    assert needle in body["error"]
+    assert time.monotonic() - start < 30  # rejected before any denoising
+    assert_ready(server)
+
+
+def test_malformed_body_is_rejected_and_the_server_stays_ready(server):
+    status, _ = server.request("POST", "/predictions", None)
+    assert status in (400, 422)
+    status, _ = server.request("POST", "/predictions", {"input": "not an object"})
+    assert status in (400, 422)
+    assert_ready(server)
+
+
+def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
+    # Slow enough to cancel with the tiny model: 100 steps at 1024×768 (about a second per step here).
+    slow = {"width": 1024, "height": 768, "num_inference_steps": 100, "seed": 9}
+    result = {}
+
+    def run_slow():
+        result["response"] = server.request("PUT", "/predictions/slow-1", {"id": "slow-1", "input": slow})
+
+    thread = threading.Thread(target=run_slow)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.health()["status"] != "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.health()["status"] == "BUSY"
+
+        busy_status, _ = server.predict(FAST, wait_if_busy=0)
+        assert busy_status == 409
+
+        cancel_status, _ = server.request("POST", "/predictions/slow-1/cancel")
+        assert cancel_status == 200
+    finally:
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    status, body = result["response"]
+    assert status == 200 and body["status"] == "canceled"
+
+    deadline = time.monotonic() + 30
+    while server.health()["status"] != "READY" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_ready(server)
+    assert server.predict(FAST)[1]["status"] == "succeeded"
