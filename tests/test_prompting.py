@@ -269,12 +269,15 @@ def test_bad_prompt_options_are_refused_before_any_work(pipe, options, error, ma
 
 
 # ------------------------------------------------------------------------------------------- report and CLI
-def test_tokenize_report_loads_the_tokenizer_from_a_checkpoint_a_folder_or_a_file(rinna_checkpoint, rinna_spiece):
+def test_tokenize_report_loads_the_tokenizer_from_a_checkpoint_a_folder_or_a_file(
+    rinna_checkpoint, rinna_spiece, monkeypatch
+):
+    monkeypatch.setenv("JSD_WEIGHTS", str(rinna_checkpoint))  # the default: $JSD_WEIGHTS/tokenizer
     reports = [
         jsd.tokenize_report("サラリーマン (油絵:1.3)", source, prompt_weighting=True)
-        for source in (rinna_checkpoint, rinna_checkpoint / "tokenizer", rinna_spiece)
+        for source in (rinna_checkpoint, rinna_checkpoint / "tokenizer", rinna_spiece, None)
     ]
-    assert reports[0] == reports[1] == reports[2]
+    assert reports[0] == reports[1] == reports[2] == reports[3]
     assert reports[0].pieces == ("▁", "サラリーマン", "▁", "油", "絵") and reports[0].weights[-1] == 1.3
 
 
