@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel, schedu
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessorPil, CLIPTextModel
 
+from jsd.manifest import MANIFEST_FILE
 from jsd.tokenizer import JapaneseTokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,13 +64,15 @@ def load_components(
     Args:
         folder: a diffusers-layout folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` …).
         torch_dtype: dtype of the models (``None`` keeps what the files hold).
-        use_safetensors: ``True`` refuses pickled weights (the served layout); ``None`` uses
-            safetensors where a component has them and otherwise loads ``.bin`` files with
-            ``weights_only`` unpickling (rinna's 2022 layout).
+        use_safetensors: ``True`` refuses pickled weights; ``None`` means ``True`` for a served folder
+            (one with a ``manifest.json``) and otherwise uses safetensors where a component has them,
+            loading ``.bin`` files with ``weights_only`` unpickling (rinna's 2022 layout).
         load_safety_checker: ``False`` skips the safety checker and its feature extractor.
     """
     folder = Path(folder)
     _require_folders(folder, ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
+    if use_safetensors is None and (folder / MANIFEST_FILE).is_file():
+        use_safetensors = True  # served folders never unpickle anything
     kw = {"torch_dtype": torch_dtype}
     components = {
         "tokenizer": JapaneseTokenizer.from_pretrained(folder / "tokenizer"),

@@ -119,6 +119,7 @@ def test_safety_checker_blacks_out_flagged_images(tmp_path, rinna_spiece):
 def write_rinna_2022_layout(served, dest, *, with_safety_checker: bool = True):
     """The layout rinna published: pickled fp32 .bin weights, T5Tokenizer in model_index, old configs."""
     shutil.copytree(served, dest)
+    (dest / "manifest.json").unlink()  # the hub repo has no manifest: only our served folders do
     pipe = JapaneseStableDiffusionPipeline.from_pretrained(served)
     files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "pytorch_model"}
     if with_safety_checker:
@@ -155,6 +156,14 @@ def test_loads_rinnas_2022_layout_and_matches_the_served_one(tmp_path, rinna_che
     np.testing.assert_allclose(run(legacy, **kwargs), run(pipe, **kwargs), atol=1e-6)
     with pytest.raises(FileNotFoundError, match=r"No \.safetensors weights in .*/rinna/text_encoder"):
         JapaneseStableDiffusionPipeline.from_pretrained(old, use_safetensors=True)
+
+
+def test_served_folders_refuse_pickles_even_when_not_asked(tmp_path, tiny_checkpoint):
+    served = shutil.copytree(tiny_checkpoint, tmp_path / "served")
+    (served / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, served / "vae" / "diffusion_pytorch_model.bin")  # a pickle slipped into a served folder
+    with pytest.raises(FileNotFoundError, match=r"No \.safetensors weights in .*/served/vae"):
+        JapaneseStableDiffusionPipeline.from_pretrained(served)
 
 
 def test_from_pretrained_with_a_hub_repo_id_downloads_with_the_token(monkeypatch, rinna_checkpoint):
