@@ -1,0 +1,55 @@
+"""What the benchmarks share: the machine's description, the tokenizer to use, medians.
+
+Benchmarks print figures; they assert nothing (timings are not tests).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RINNA_SPIECE = Path(os.environ.get("JSD_SHARED", REPO.parent / "shared")) / "data" / "tokenizer" / "google_sp.model"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (falls back to ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label(device: torch.device) -> str:
+    """One line naming where the figures were measured."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (
+            f"device: cuda — {props.name} ({props.total_memory / 2**30:.1f} GiB), torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}"
+        )
+    return (
+        f"device: cpu — {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}), "
+        f"torch {torch.__version__}"
+    )
+
+
+def default_tokenizer_model() -> Path | None:
+    """rinna's real sentencepiece model when ../shared has it, else ``None`` (jsd.tiny trains a small one)."""
+    return RINNA_SPIECE if RINNA_SPIECE.is_file() else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
