@@ -15,7 +15,6 @@ from cog import BaseRunner, Input, Path
 
 from jsd import serving
 from jsd.manifest import verify_manifest
-from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
 
 # Never reach the network from a prediction: the weights are local (JSD_WEIGHTS, default weights/).
@@ -35,7 +34,6 @@ class Predictor(BaseRunner):
         manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
         verified = time.perf_counter()
         pipe = serving.load_pipeline(folder)
-        optimize_pipeline(pipe, pipe.device)  # SDPA, channels_last, VAE slicing/tiling; logs what it did
         loaded = time.perf_counter()
         self.generator = serving.ImageGenerator(pipe, model_revision=str(manifest.get("revision", "unknown")))
         logger.info(
@@ -54,6 +52,11 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(description="What to draw, in Japanese.", default=serving.DEFAULT_PROMPT),
         negative_prompt: str = Input(description="What not to draw.", default=""),
+        prompt_weighting: bool = Input(
+            description="Read (text:1.3) or （テキスト：１．３） as emphasis weights in `prompt` and "
+            "`negative_prompt`; off: brackets are plain text. Write a literal bracket as \\( or \\).",
+            default=True,
+        ),
         width: int = Input(description="Output width in pixels.", choices=SIDES, default=512),
         height: int = Input(description="Output height in pixels.", choices=SIDES, default=512),
         num_outputs: int = Input(
@@ -115,8 +118,11 @@ class Predictor(BaseRunner):
             output_format=output_format,
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
+            prompt_weighting=prompt_weighting,
         )
         result = self.generator.generate(request)
+        for name, value in result.token_report.metrics().items():  # prompt_tokens, prompt_chunks, ...
+            self.record_metric(name, value)
         self.record_metric("seeds", result.seeds)
         self.record_metric("nsfw_filtered", len(result.flagged_seeds))
         self.record_metric("inference_seconds", round(result.inference_seconds, 3))

@@ -39,6 +39,7 @@ from jsd.pipelines import (
     JapaneseStableDiffusionInpaintPipeline,
     JapaneseStableDiffusionPipeline,
 )
+from jsd.prompting import TokenReport, tokenize_prompt
 from jsd.schedulers import DEFAULT_SCHEDULER, check_scheduler_name, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class GenerationRequest:
     output_format: str = "webp"
     output_quality: int = 90  # webp/jpg only
     disable_safety_checker: bool = False
+    prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
 
     def validate(self) -> ValidatedRequest:
         """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one."""
@@ -116,6 +118,8 @@ class GenerationRequest:
         _check_int("output_quality", self.output_quality, 1, 100)
         if not isinstance(self.disable_safety_checker, bool):
             raise InputError(f"`disable_safety_checker` must be true or false, got {self.disable_safety_checker!r}.")
+        if not isinstance(self.prompt_weighting, bool):
+            raise InputError(f"`prompt_weighting` must be true or false, got {self.prompt_weighting!r}.")
         image, mask = self._decode_images()
         return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
 
@@ -177,6 +181,7 @@ class GenerationResult:
     output_format: str
     output_quality: int
     inference_seconds: float
+    token_report: TokenReport | None = None  # how the prompt was tokenized: pieces, chunks, truncation
 
     def save(self, folder: str | os.PathLike, *, stem: str = "out") -> list[Path]:
         """Write every image to ``folder`` as ``{stem}-{index}.{format}`` with its settings embedded."""
@@ -232,11 +237,15 @@ class ImageGenerator:
         """
         checked = request.validate()
         logger.info("Generating %d image(s) with seeds %s", request.num_outputs, checked.seeds)
+        report = tokenize_prompt(self.pipeline.tokenizer, request.prompt, prompt_weighting=request.prompt_weighting)
+        logger.info("Prompt tokens:\n%s", report)
         pipe = self._assemble(checked)
         start = time.perf_counter()
         output = self._run(pipe, checked)
         seconds = time.perf_counter() - start
-        return self._collect(checked, output, seconds)
+        result = self._collect(checked, output, seconds)
+        result.token_report = report
+        return result
 
     def _assemble(self, checked: ValidatedRequest):
         cls = {
@@ -264,6 +273,7 @@ class ImageGenerator:
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.num_outputs,
             "generator": generators,
+            "prompt_weighting": request.prompt_weighting,
         }
         if checked.mode == "txt2img":
             kwargs |= {"width": request.width, "height": request.height}
@@ -311,6 +321,7 @@ class ImageGenerator:
         fields = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "width", "height")
         meta = {name: str(settings[name]) for name in fields}
         meta |= {"seed": str(seed), "model_revision": self.model_revision}
+        meta |= {"prompt_weighting": str(request.prompt_weighting)}
         if request.image is not None:
             meta |= {"mode": "inpaint" if request.mask is not None else "img2img"}
             meta |= {"prompt_strength": str(request.prompt_strength)}

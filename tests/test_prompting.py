@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -299,3 +300,28 @@ def test_cli_tokenize_without_a_tokenizer_says_what_to_pass(tmp_path, monkeypatc
         main(["tokenize", "猫"])
     assert exit_info.value.code == 2
     assert "--weights DIR" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- serving (Cog)
+def test_serving_passes_prompt_weighting_and_returns_the_token_report(pipe):
+    from jsd import serving
+
+    generator = serving.ImageGenerator(pipe)
+    request = serving.GenerationRequest(
+        prompt=LONG + "、(最後の言葉:1.3)", width=128, height=128, num_inference_steps=2, seed=3, output_format="png"
+    )
+    weighted = generator.generate(dataclasses.replace(request, prompt_weighting=True))
+    plain = generator.generate(request)
+    report = weighted.token_report
+    assert report.text.endswith("最後の言葉") and report.weights[-1] == 1.3
+    assert weighted.token_report.metrics() == {
+        "prompt_tokens": report.count,
+        "prompt_chunks": 3,
+        "prompt_truncated_tokens": 0,
+    }
+    assert plain.token_report.text.endswith("(最後の言葉:1.3)")  # off: brackets are text
+    assert weighted.images[0].metadata["prompt_weighting"] == "True"
+    pixels = [np.asarray(r.images[0].image, dtype=np.int16) for r in (weighted, plain)]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0
+    with pytest.raises(serving.InputError, match="`prompt_weighting` must be true or false, got 'yes'"):
+        generator.generate(dataclasses.replace(request, prompt_weighting="yes"))
