@@ -15,6 +15,7 @@ from cog import BaseRunner, Input, Path
 
 from jsd import serving
 from jsd.manifest import verify_manifest
+from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
 
 # Never reach the network from a prediction: the weights are local (JSD_WEIGHTS, default weights/).
@@ -34,6 +35,7 @@ class Predictor(BaseRunner):
         manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
         verified = time.perf_counter()
         pipe = serving.load_pipeline(folder)
+        optimize_pipeline(pipe, pipe.device)  # SDPA, channels_last, VAE slicing/tiling; logs what it did
         loaded = time.perf_counter()
         self.generator = serving.ImageGenerator(pipe, model_revision=str(manifest.get("revision", "unknown")))
         logger.info(
