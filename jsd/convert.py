@@ -379,7 +379,5 @@ def describe(dest: str | Path) -> str:
     """One line about a served folder: source, revision, files and size, from its manifest."""
     manifest = read_manifest(dest)
     total = sum(f["size"] for f in manifest["files"].values())
-    return (
-        f"{dest}: {manifest.get('source')}@{manifest.get('revision')}, "
-        f"{len(manifest['files'])} files, {total / 1e9:.2f} GB"
-    )
+    size = f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+    return f"{dest}: {manifest.get('source')}@{manifest.get('revision')}, {len(manifest['files'])} files, {size}"

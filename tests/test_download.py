@@ -1,0 +1,191 @@
+"""scripts/download_weights.py against a fake hub, and scripts/push.sh with fake `make` and `cog`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx2
+import pytest
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from rinna2022 import write_2022_checkpoint
+
+from jsd.manifest import verify_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_ID = "rinna/japanese-stable-diffusion"
+SHA = "f0e1d2c3b4a5968778695a4b3c2d1e0f12345678"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("download_weights", REPO / "scripts" / "download_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+download_weights = _load_script()
+
+
+@pytest.fixture(scope="module")
+def hub_files(tmp_path_factory, tiny_checkpoint) -> Path:
+    """What the hub repo holds: rinna's 2022 layout plus files serving does not need."""
+    repo = write_2022_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("hub") / "repo")
+    (repo / "README.md").write_text("# Japanese Stable Diffusion")
+    (repo / "japanese-stable-diffusion.ckpt").write_bytes(b"a 4 GB original-format checkpoint")
+    shutil.copyfile(repo / "unet" / "diffusion_pytorch_model.bin", repo / "unet" / "diffusion_pytorch_model.fp16.bin")
+    return repo
+
+
+class FakeHub:
+    """Stands in for huggingface_hub's model_info and snapshot_download (which copies what is allowed)."""
+
+    def __init__(self, repo: Path, cache: Path, error: Exception | None = None):
+        self.repo, self.cache, self.error = repo, cache, error
+        self.info_calls, self.downloads = [], []
+
+    def model_info(self, repo_id, *, revision=None, token=None):
+        self.info_calls.append((repo_id, revision, token))
+        if self.error is not None:
+            raise self.error
+        names = [p.relative_to(self.repo).as_posix() for p in self.repo.rglob("*") if p.is_file()]
+        return SimpleNamespace(sha=SHA, siblings=[SimpleNamespace(rfilename=n) for n in names])
+
+    def snapshot_download(self, repo_id, *, revision, allow_patterns, token, cache_dir):
+        self.downloads.append({"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns})
+        snapshot = self.cache / "snapshots" / revision
+        for name in allow_patterns:
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.repo / name, snapshot / name)
+        return str(snapshot)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path, hub_files):
+    def install(error: Exception | None = None, token: str | None = "hf_test") -> FakeHub:
+        hub = FakeHub(hub_files, tmp_path / "cache", error)
+        monkeypatch.setattr("huggingface_hub.HfApi.model_info", hub.model_info)
+        monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
+        monkeypatch.setattr("huggingface_hub.get_token", lambda: token)
+        return hub
+
+    return install
+
+
+def test_hub_download_fetches_only_what_serving_needs_pinned_to_the_commit(fake_hub, tmp_path, capsys):
+    hub = fake_hub()
+    dest = tmp_path / "weights"
+    assert download_weights.main(["--dest", str(dest)]) == 0
+    (download,) = hub.downloads
+    assert download["repo_id"] == REPO_ID and download["revision"] == SHA
+    fetched = set(download["allow_patterns"])
+    assert {"unet/diffusion_pytorch_model.bin", "tokenizer/spiece.model", "scheduler/scheduler_config.json"} <= fetched
+    assert not fetched & {"README.md", "japanese-stable-diffusion.ckpt", "unet/diffusion_pytorch_model.fp16.bin"}
+    manifest = verify_manifest(dest)
+    assert (manifest["source"], manifest["revision"]) == (REPO_ID, SHA)
+    assert hub.info_calls == [(REPO_ID, None, "hf_test")]
+    # A rerun on the complete folder says so and does not even ask the hub.
+    capsys.readouterr()
+    assert download_weights.main(["--dest", str(dest)]) == 0
+    assert "already complete and verified; nothing to do" in capsys.readouterr().out
+    assert len(hub.info_calls) == 1
+
+
+def _response(status: int) -> httpx2.Response:
+    return httpx2.Response(status, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{REPO_ID}"))
+
+
+@pytest.mark.parametrize(
+    ("error", "token", "note"),
+    [
+        (GatedRepoError("gated", response=_response(403)), "hf_test", "A token was sent"),
+        (RepositoryNotFoundError("not found", response=_response(401)), None, "No token was found"),
+        (HfHubHTTPError("forbidden", response=_response(403)), "hf_test", "has not accepted the license"),
+    ],
+)
+def test_refused_access_explains_the_gated_license_step(fake_hub, tmp_path, capsys, error, token, note):
+    fake_hub(error=error, token=token)
+    assert download_weights.main(["--dest", str(tmp_path / "weights")]) == 1
+    err = capsys.readouterr().err
+    assert f"accept the license on https://huggingface.co/{REPO_ID}" in err
+    assert "CreativeML OpenRAIL-M" in err and "export HF_TOKEN=" in err and note in err
+    assert not (tmp_path / "weights").exists()
+
+
+def test_local_source_then_verify_only_names_a_corrupt_file_and_refuses_tiny(
+    hub_files, tiny_checkpoint, tmp_path, capsys
+):
+    dest = tmp_path / "weights"
+    assert download_weights.main(["--source", str(hub_files), "--dest", str(dest)]) == 0
+    assert verify_manifest(dest)["source"] == str(hub_files.resolve())
+    assert download_weights.main(["--verify-only", str(dest)]) == 0
+    assert f"verified {dest}: {hub_files.resolve()}@local, 14 files" in capsys.readouterr().out
+    unet = dest / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-10])
+    assert download_weights.main(["--verify-only", str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {unet} has" in err and "truncated" in err
+    assert download_weights.main(["--verify-only", str(tiny_checkpoint)]) == 1
+    assert "tiny test checkpoint" in capsys.readouterr().err
+    assert download_weights.main(["--verify-only", str(tiny_checkpoint), "--allow-tiny"]) == 0
+
+
+# --------------------------------------------------------------------------- scripts/push.sh
+
+
+@pytest.fixture
+def fake_tools(tmp_path) -> tuple[dict, Path]:
+    """`make` and `cog` on PATH that only record their arguments."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for tool in ("make", "cog"):
+        script = bin_dir / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        script.chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    return env, log
+
+
+def _push(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/push.sh", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_push_dry_run_prints_the_three_commands_and_runs_none(fake_tools):
+    env, log = fake_tools
+    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{sys.executable} scripts/download_weights.py --verify-only weights",
+        "make test",
+        "cog push --separate-weights r8.im/alice/japanese-sd",
+    ]
+    assert not log.exists()
+
+
+def test_push_rejects_a_model_name_that_is_not_on_replicate(fake_tools):
+    env, _log = fake_tools
+    result = _push("--dry-run", "alice/japanese-sd", env=env)
+    assert result.returncode == 2 and "r8.im/OWNER/MODEL" in result.stderr and "alice/japanese-sd" in result.stderr
+
+
+def test_push_verifies_then_tests_then_pushes_and_stops_at_bad_weights(fake_tools, tiny_checkpoint, tmp_path):
+    env, log = fake_tools
+    weights = shutil.copytree(tiny_checkpoint, tmp_path / "weights")
+    env = env | {"JSD_WEIGHTS": str(weights)}
+    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == ["make test", "cog push --separate-weights r8.im/alice/japanese-sd"]
+    log.unlink()
+    vae = weights / "vae" / "config.json"
+    vae.write_text(json.dumps({"tampered": True}))
+    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env)
+    assert result.returncode == 1 and f"{vae} has" in result.stderr
+    assert not log.exists()
