@@ -257,3 +257,22 @@ def test_malformed_manifests_are_refused(served, edit, message):
     path.write_text(edit(json.loads(path.read_text())))
     with pytest.raises(WeightsVerificationError, match=message):
         verify_manifest(served)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@pytest.mark.slow
+def test_cog_server_reports_setup_failed_naming_the_altered_file(served):
+    from cogserver import cog_server
+
+    unet = served / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    unet.write_bytes(bytes(data))
+    with cog_server(served) as server:
+        assert server.status == "SETUP_FAILED"
+        logs = server.setup.get("logs", "") + server.logs()
+        assert "unet/diffusion_pytorch_model.safetensors does not match its sha256" in logs
+        status, body = server.predict({"prompt": "猫"}, wait_if_busy=0)
+        assert status == 503 and body["status"] == "failed"  # no prediction runs on unverified weights
