@@ -263,3 +263,26 @@ def test_bench_pipeline_runs_end_to_end_in_tiny_mode(monkeypatch):
     assert float(ratio_line.split()[-1].rstrip("×")) > 0
     diff_line = next(line for line in out.splitlines() if line.startswith("max |jsd - diffusers|"))
     assert float(diff_line.split()[-1]) < 1e-5  # same components, same seed: the same images
+
+
+def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS.parent))  # predict.py, for the `setup` arm
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("JSD_WEIGHTS", "unset")  # the `setup` arm sets it; restored afterwards
+    import bench_setup
+
+    served = make_checkpoint(tmp_path / "served", torch_dtype=torch.float16)
+    legacy = bench_setup.write_2022_copy(served, tmp_path / "rinna-2022")
+
+    assert (legacy / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert (legacy / "text_encoder" / "pytorch_model.bin").is_file()
+    assert not list(legacy.rglob("*.safetensors")) and not (legacy / "manifest.json").exists()
+    old = JapaneseStableDiffusionPipeline.from_pretrained(legacy, torch_dtype=torch.float32, use_safetensors=False)
+    new = JapaneseStableDiffusionPipeline.from_pretrained(served, torch_dtype=torch.float32, use_safetensors=True)
+    for name in ("unet", "vae", "text_encoder", "safety_checker"):
+        old_state, new_state = getattr(old, name).state_dict(), getattr(new, name).state_dict()
+        assert old_state.keys() == new_state.keys(), name
+        assert all(torch.equal(old_state[k], new_state[k]) for k in old_state), name
+    for arm, folder in (("setup", served), ("fp16-load", served), ("2022", legacy)):
+        result = bench_setup.child(arm, str(folder), "cpu")
+        assert result["setup_s"] > 0 and result["peak_rss_bytes"] > 0, result

@@ -1,0 +1,206 @@
+"""Cold start: ``Predictor.setup()`` on the served layout against the 2022 loading path.
+
+    nice python benchmarks/bench_setup.py                        # full-size random weights (~2 GB + ~4.3 GB in /tmp)
+    python benchmarks/bench_setup.py --size tiny --repeats 1     # a quick check of the harness
+    python benchmarks/bench_setup.py --device cuda               # on a GPU host (both arms end on the GPU)
+
+It writes one seeded checkpoint twice under a temporary folder (deleted afterwards unless ``--keep``):
+
+- ``served/``: the served layout — fp16 safetensors and a checksum manifest (jsd.tiny.make_checkpoint);
+- ``rinna-2022/``: the same weights as rinna's 2022 files — pickled fp32 state dicts under rinna's
+  names (``unet/diffusion_pytorch_model.bin``, ``text_encoder/pytorch_model.bin`` …), no manifest.
+
+Then, each in a fresh Python process (so that nothing is cached in the process and peak RSS is
+the arm's own), interleaved over ``--repeats`` rounds:
+
+- ``setup``: ``predict.Predictor().setup()`` with ``JSD_WEIGHTS=served/`` — manifest verification,
+  fp16 safetensors loaded into the serving dtype of this device, the fast path;
+- ``fp16-load``: the loading alone, ``from_pretrained(served, torch_dtype=float16)`` — on a CPU host this
+  is the host half of a GPU setup (the fp16 tensors that would then be copied to the GPU);
+- ``2022``: ``JapaneseStableDiffusionPipeline.from_pretrained(rinna-2022/, torch_dtype=float32)`` then
+  ``.to(device)`` — rinna's README path, on today's diffusers (which already builds models on the meta
+  device: the random initialisation of 2022's diffusers is not repeated here, so this is a lower bound).
+
+It prints each arm's median seconds (process start to ready is import + setup), peak RSS, and the
+ratios against ``2022``. The files are in the page cache (just written), as on a warm host; a cold
+disk adds its read time to every arm, more to the larger fp32 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_common import REPO, default_tokenizer_model, device_label, median  # benchmarks/ is on sys.path
+
+ARMS = ("setup", "fp16-load", "2022")
+# rinna's 2022 file names for the pickled weights of each model folder.
+RINNA_WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model.bin",
+    "vae": "diffusion_pytorch_model.bin",
+    "text_encoder": "pytorch_model.bin",
+    "safety_checker": "pytorch_model.bin",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "full"], default="full", help="random-weight shapes (default: full)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of all arms (default: 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a new /tmp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="sentencepiece model (default: rinna's from ../shared if present)"
+    )
+    parser.add_argument("--child", nargs=2, metavar=("ARM", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
+
+
+def write_checkpoints(workdir: Path, size: str, tokenizer: Path | None) -> tuple[Path, Path]:
+    """The served layout and its 2022 twin (pickled fp32 under rinna's names), from one seeded model."""
+    import torch
+
+    from jsd.tiny import make_checkpoint
+
+    start = time.perf_counter()
+    served = make_checkpoint(workdir / "served", tokenizer_model=tokenizer, size=size, torch_dtype=torch.float16)
+    print(f"wrote {served} (fp16 safetensors + manifest, {_folder_gib(served):.2f} GiB) in {_since(start)}")
+    start = time.perf_counter()
+    legacy = write_2022_copy(served, workdir / "rinna-2022")
+    print(f"wrote {legacy} (pickled fp32 .bin, {_folder_gib(legacy):.2f} GiB) in {_since(start)}")
+    return served, legacy
+
+
+def write_2022_copy(served: Path, dest: Path) -> Path:
+    """Copy ``served`` as rinna's 2022 files: ``torch.save`` of fp32 state dicts, configs saying float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(served, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    (dest / "manifest.json").unlink(missing_ok=True)
+    for folder, name in RINNA_WEIGHT_FILES.items():
+        state = {}
+        for shard in sorted((served / folder).glob("*.safetensors")):
+            state.update({k: v.float() for k, v in load_file(shard).items()})
+        torch.save(state, dest / folder / name)
+        config = dest / folder / "config.json"
+        data = json.loads(config.read_text())
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = "float32"
+        config.write_text(json.dumps(data, indent=2))
+    return dest
+
+
+def child(arm: str, folder: str, device: str) -> dict:
+    """One measurement in this (fresh) process: import time, setup time, peak RSS."""
+    start = time.perf_counter()
+    import torch
+
+    from jsd import JapaneseStableDiffusionPipeline
+    from jsd.optimize import serving_dtype
+
+    imported = time.perf_counter()
+    if arm == "setup":
+        os.environ["JSD_WEIGHTS"] = folder
+        from predict import Predictor
+
+        imported = time.perf_counter()
+        Predictor().setup()
+    elif arm == "fp16-load":
+        JapaneseStableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, use_safetensors=True)
+    else:
+        pipe = JapaneseStableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=False)
+        pipe.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    ready = time.perf_counter()
+    return {
+        "arm": arm,
+        "import_s": imported - start,
+        "setup_s": ready - imported,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "serving_dtype": str(serving_dtype(device)),
+    }
+
+
+def measure(arm: str, folder: Path, device: str) -> dict:
+    """Run ``child`` in a fresh interpreter, offline, with the repository importable (for predict.py)."""
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    if not device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the predictor picks CUDA whenever it sees one
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", device, "--child", arm, str(folder)]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{arm} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, list[dict]]) -> None:
+    print(f"\n{'arm':<10} {'setup s':>9} {'import s':>9} {'peak RSS':>10}   runs (setup s)")
+    medians = {}
+    for arm, runs in results.items():
+        setup = median([r["setup_s"] for r in runs])
+        imported = median([r["import_s"] for r in runs])
+        rss = max(r["peak_rss_bytes"] for r in runs)
+        medians[arm] = (setup, rss)
+        runs_text = ", ".join(f"{r['setup_s']:.2f}" for r in runs)
+        print(f"{arm:<10} {setup:9.2f} {imported:9.2f} {rss / 2**30:8.2f} GiB   {runs_text}")
+    if "2022" in medians:
+        base_s, base_rss = medians["2022"]
+        for arm, (setup, rss) in medians.items():
+            if arm != "2022":
+                print(f"ratio {arm} / 2022: time {setup / base_s:.2f}, peak RSS {rss / base_rss:.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, args.device)))
+        return
+    import torch
+
+    print(device_label(torch.device(args.device)))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jsd-bench-setup-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        served, legacy = write_checkpoints(workdir, args.size, args.tokenizer or default_tokenizer_model())
+        folders = {"setup": served, "fp16-load": served, "2022": legacy}
+        results = {arm: [] for arm in args.arms}
+        for repeat in range(args.repeats):
+            order = args.arms if repeat % 2 == 0 else list(reversed(args.arms))
+            for arm in order:
+                results[arm].append(measure(arm, folders[arm], args.device))
+        print(f"{args.size} SD v1 shapes, {args.repeats} interleaved rounds, fresh process each, device {args.device}")
+        report(results)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _folder_gib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**30
+
+
+def _since(start: float) -> str:
+    return f"{time.perf_counter() - start:.1f} s"
+
+
+if __name__ == "__main__":
+    main()
