@@ -17,7 +17,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
+from diffusers import ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -32,6 +33,16 @@ from jsd.training.models import freeze_for_stage, load_training_components
 from jsd.training.step import diffusion_loss, drop_captions, tokenize
 
 logger = get_logger(__name__)
+# Settings that decide what the data stream and the loss draw: a resumed run must keep them.
+# (The data paths may change, e.g. on another machine; the data behind them must not.)
+RESUME_MUST_MATCH = (
+    "stage",
+    "seed",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "dataloader_num_workers",
+    "resolution",
+)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -49,9 +60,10 @@ class RunState:
         for key, reason in batch["bad"]:
             self.bad.add(key, reason)
 
-    def state_dict(self, num_processes: int) -> dict:
+    def state_dict(self, num_processes: int, config: TrainConfig) -> dict:
         return {
             "num_processes": num_processes,
+            "config": {key: str(getattr(config, key)) for key in RESUME_MUST_MATCH},
             "generator": self.generator.get_state(),
             "positions": {k: [p.epoch, p.shard, p.record] for k, p in self.positions.items()},
             "bad": self.bad.state_dict(),
@@ -75,7 +87,7 @@ def train(config: TrainConfig) -> Path:
     trained = freeze_for_stage(components, config.trained_modules, device=accelerator.device, weight_dtype=weight_dtype)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()
-        components["text_encoder"].gradient_checkpointing_enable()
+        components["text_encoder"].activation_checkpointing_enable()  # transformers 5's name
 
     source = make_source(
         train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
@@ -123,14 +135,16 @@ def train(config: TrainConfig) -> Path:
     report_bad_records(accelerator, state, "at the end")
     for name, ema in emas.items():
         ema.copy_to(accelerator.unwrap_model(trained[name]).parameters())
+    final = full_modules(accelerator, trained)
     if accelerator.is_main_process:
         export_served(
             source_folder,
             Path(config.output_dir),
-            {name: accelerator.unwrap_model(m) for name, m in trained.items()},
+            final,
             components["tokenizer"],
             source=f"jsd fine-tune stage {config.stage} of {config.pretrained_model_name_or_path}",
             revision=f"stage{config.stage}-step{state.step}",
+            prediction_type=config.prediction_type,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -208,11 +222,23 @@ def resume(accelerator: Accelerator, config: TrainConfig, state: RunState, strea
         if config.resume_from_checkpoint:
             logger.info("No checkpoint in %s yet: starting a new run.", config.run_dir)
         return
-    accelerator.load_state(str(checkpoint))
     rank_state = checkpointing.load_rank_state(checkpoint, accelerator.process_index, accelerator.num_processes)
+    check_same_run(rank_state["config"], config, checkpoint)
+    accelerator.load_state(str(checkpoint))
     state.load_state_dict(rank_state, checkpointing.checkpoint_step(checkpoint))
     stream.resume(state.positions, batches_done=state.step * config.gradient_accumulation_steps)
     logger.info("Resumed from %s at step %d (%s so far)", checkpoint, state.step, state.bad.summary())
+
+
+def check_same_run(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same stage, seed and batch layout."""
+    now = {key: str(getattr(config, key)) for key in saved}
+    changed = [f"`--{key}` {saved[key]} -> {now[key]}" for key in saved if saved[key] != now[key]]
+    if changed:
+        raise ValueError(
+            f"{checkpoint} belongs to a different run ({'; '.join(changed)}): resume with the settings it was "
+            "written with, or start a new run with another `--project_dir`."
+        )
 
 
 def run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps):
@@ -268,7 +294,7 @@ def save(accelerator: Accelerator, config: TrainConfig, state: RunState) -> None
         accelerator,
         config.run_dir,
         state.step,
-        state.state_dict(accelerator.num_processes),
+        state.state_dict(accelerator.num_processes, config),
         total_limit=config.checkpoints_total_limit,
     )
     logger.info("Saved %s", path)
@@ -282,6 +308,24 @@ def report_bad_records(accelerator: Accelerator, state: RunState, when: str) -> 
     accelerator.log({"bad_records": merged.total}, step=state.step)
 
 
+def full_modules(accelerator: Accelerator, trained: dict) -> dict[str, torch.nn.Module]:
+    """The trained modules, whole: under FSDP or DeepSpeed the shards are gathered (every process calls this)."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return {name: accelerator.unwrap_model(model) for name, model in trained.items()}
+    full = {}
+    for name, model in trained.items():
+        state = accelerator.get_state_dict(model)  # a collective call: all processes take part
+        module = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            if isinstance(module, ModelMixin):
+                fresh = type(module).from_config(module.config)
+            else:
+                fresh = type(module)(module.config)
+            fresh.load_state_dict(state)
+            full[name] = fresh
+    return full
+
+
 def export_served(
     source_folder: Path,
     output_dir: Path,
@@ -290,9 +334,17 @@ def export_served(
     *,
     source: str,
     revision: str,
+    prediction_type: str | None = None,
 ) -> Path:
-    """Write the served layout (safetensors + manifest) atomically: a complete folder or none."""
+    """Write the served layout (safetensors + manifest) atomically: a complete folder or none.
+
+    ``prediction_type`` (when training overrode it) goes into the saved scheduler config, or the
+    served model would sample with the wrong target.
+    """
     components = load_components(source_folder, load_safety_checker=True)
+    if prediction_type:
+        scheduler = components["scheduler"]
+        components["scheduler"] = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     components |= {name: module.eval() for name, module in trained.items()}
     components["tokenizer"] = tokenizer
     pipe = JapaneseStableDiffusionPipeline(
