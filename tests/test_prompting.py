@@ -154,6 +154,13 @@ def test_short_prompts_give_exactly_the_single_sequence_embeddings(pipe, caption
     assert torch.equal(negative, reference_embeds(pipe, ["低品質"] * len(texts)))
 
 
+def test_encode_texts_keeps_rinnas_single_sequence_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="jsd.prompting"), torch.no_grad():
+        embeds = prompting.encode_texts(pipe.tokenizer, pipe.text_encoder, [LONG, "猫"], device="cpu")
+    assert torch.equal(embeds, reference_embeds(pipe, [LONG, "猫"]))
+    assert "was dropped" in caplog.text
+
+
 def test_weight_one_equals_unweighted_text(pipe):
     weighted = encode(pipe, ["(猫:1.0)と（犬：１）、" + LONG], weighting=True)
     plain = encode(pipe, ["猫と犬、" + LONG])
@@ -267,6 +274,23 @@ def test_img2img_and_inpaint_take_the_prompt_options(pipe, cls):
 def test_bad_prompt_options_are_refused_before_any_work(pipe, options, error, match):
     with pytest.raises(error, match=match):
         pipe(prompt="猫", num_inference_steps=1000, height=64, width=64, **options)
+
+
+@pytest.mark.gpu
+def test_long_weighted_prompt_in_fp16_on_cuda_matches_cpu(pipe, rinna_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cuda = JapaneseStableDiffusionPipeline.from_pretrained(
+        rinna_checkpoint, use_safetensors=True, torch_dtype=torch.float16
+    ).to("cuda")
+    prompt, negative = "(夕焼け:1.4)の" + LONG, "（低品質：１．２）"
+    expected = pipe.encode_prompt(prompt, "cpu", 1, True, negative, prompt_weighting=True)
+    got = cuda.encode_prompt(prompt, "cuda", 1, True, negative, prompt_weighting=True)
+    for ours, reference in zip(got, expected, strict=True):
+        assert ours.dtype == torch.float16 and ours.device.type == "cuda" and ours.shape == reference.shape
+        torch.testing.assert_close(ours.float().cpu(), reference, atol=2e-2, rtol=2e-2)
+    image = run(cuda, prompt=prompt, negative_prompt=negative, height=64, width=64, prompt_weighting=True)
+    assert np.isfinite(image).all()
 
 
 # ------------------------------------------------------------------------------------------- report and CLI
