@@ -1,0 +1,124 @@
+"""`make demo`: images from "サラリーマン 油絵" through the Cog predictor (``Predictor.setup()`` + ``run()``).
+
+    python scripts/demo.py                 # weights from $JSD_WEIGHTS or weights/, images into outputs/
+
+With real weights in ``weights/`` (a manifest from scripts/download_weights.py or scripts/train.py)
+it uses them. Otherwise it writes the tiny seeded checkpoint there first (rinna's real tokenizer from
+``../shared/data/tokenizer/google_sp.model`` when present, else the project's own): the images are
+then noise, but every step — manifest check, loading, validation, seeds, scheduler, safety checker,
+file metadata — is the code Cog runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "google_sp.model"
+PROMPT = "サラリーマン 油絵"
+TINY_SOURCE_PREFIX = "jsd.tiny"
+
+
+def weights_kind(folder: Path) -> str:
+    """``"real"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files but no manifest)."""
+    from jsd.manifest import MANIFEST_FILE, read_manifest
+
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return "missing"
+    if not (folder / MANIFEST_FILE).is_file():
+        return "unknown"
+    return "tiny" if str(read_manifest(folder).get("source", "")).startswith(TINY_SOURCE_PREFIX) else "real"
+
+
+def ensure_weights(folder: Path) -> str:
+    """Make sure ``folder`` holds a checkpoint; builds the tiny one unless real weights are there."""
+    from jsd.manifest import WeightsVerificationError, verify_manifest
+    from jsd.tiny import make_checkpoint
+
+    kind = weights_kind(folder)
+    if kind == "unknown":
+        raise SystemExit(
+            f"{folder} holds files but no manifest.json: finish `python scripts/download_weights.py`, or move "
+            f"{folder} away so the demo can write the tiny checkpoint there."
+        )
+    if kind == "tiny":
+        try:
+            verify_manifest(folder)
+            return kind
+        except WeightsVerificationError as err:
+            print(f"rebuilding the tiny checkpoint: {err}")
+            shutil.rmtree(folder)  # only ever a tiny checkpoint (its manifest says so)
+    if kind in ("missing", "tiny"):
+        tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.is_file() else None
+        print(
+            f"no real weights in {folder}: writing the tiny checkpoint (tokenizer: {tokenizer or 'the project corpus'})"
+        )
+        make_checkpoint(folder, tokenizer_model=tokenizer)
+        return "tiny"
+    return kind
+
+
+def load_predictor():
+    """predict.py's ``Predictor``, loaded the way coglet loads it (from the file)."""
+    spec = importlib.util.spec_from_file_location("predict", REPO / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Predictor()
+
+
+def run_inputs(predictor, **inputs) -> dict:
+    """``run()``'s declared defaults (as Cog fills them in) overridden by ``inputs``."""
+    parameters = inspect.signature(predictor.run).parameters
+    defaults = {name: getattr(p.default, "default", p.default) for name, p in parameters.items()}
+    unknown = set(inputs) - set(defaults)
+    if unknown:
+        raise SystemExit(f"unknown inputs {sorted(unknown)}; run() takes {', '.join(defaults)}")
+    return defaults | inputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=os.environ.get("JSD_WEIGHTS", "weights"))
+    parser.add_argument("--output", default="outputs", help="folder for the images (default: %(default)s)")
+    parser.add_argument("--num_outputs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+
+    from jsd.manifest import read_manifest
+    from jsd.serving import read_metadata
+
+    weights = Path(args.weights).resolve()
+    kind = ensure_weights(weights)
+    manifest = read_manifest(weights)
+    print(f"weights: {kind} — revision {manifest.get('revision')}, source {manifest.get('source')}, at {weights}")
+
+    os.environ["JSD_WEIGHTS"] = str(weights)
+    predictor = load_predictor()
+    predictor.setup()
+    # The tiny model is fast at any size; keep CPU runs of the real model short.
+    small = kind == "tiny" or predictor.generator.pipeline.device.type != "cuda"
+    settings = {"width": 256, "height": 256, "num_inference_steps": 15} if small else {}
+    inputs = run_inputs(
+        predictor, prompt=PROMPT, num_outputs=args.num_outputs, seed=args.seed, output_format="png", **settings
+    )
+    paths = predictor.run(**inputs)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        target = output / f"demo-{path.name}"
+        shutil.copyfile(path, target)
+        print(f"wrote {target} (seed {read_metadata(target)['seed']})")
+    if kind == "tiny":
+        print("(tiny random weights: the images are noise; put real weights in weights/ for real pictures)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""jsd.serving and predict.py without the server: seeds, NSFW, schedulers, validation, OOM, metadata."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from PIL import Image
+
+from jsd import serving
+from jsd.manifest import WeightsVerificationError
+from jsd.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_names
+from jsd.serving import GenerationRequest, InputError, NSFWError
+from jsd.tiny import set_nsfw_flagging
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"width": 128, "height": 128, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_checkpoint):
+    return serving.ImageGenerator(serving.load_pipeline(tiny_checkpoint, device="cpu"), model_revision="tiny-seed0")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def test_each_image_is_reproduced_alone_from_its_own_seed(generator):
+    batch = generator.generate(GenerationRequest(**FAST, num_outputs=3, seed=40))
+    alone = generator.generate(GenerationRequest(**FAST, num_outputs=1, seed=42))
+
+    assert [item.seed for item in batch.images] == [40, 41, 42]
+    # Same noise and the same denoising; batching may change float rounding only.
+    assert np.abs(pixels(batch.images[2].image) - pixels(alone.images[0].image)).max() <= 2
+    assert np.abs(pixels(batch.images[0].image) - pixels(batch.images[2].image)).mean() > 5
+
+
+def test_missing_seed_draws_a_random_63_bit_seed(generator):
+    seeds = {GenerationRequest(**FAST).validate().seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_default_scheduler_is_dpm_solver_pp_2m_and_every_call_gets_a_new_one(generator, monkeypatch):
+    built = []
+    original = serving.make_scheduler
+    monkeypatch.setattr(serving, "make_scheduler", lambda *a: built.append(original(*a)) or built[-1])
+    loaded_config = dict(generator.pipeline.scheduler.config)
+
+    generator.generate(GenerationRequest(**FAST, seed=1))
+    generator.generate(GenerationRequest(**FAST, seed=1))
+
+    assert len(built) == 2 and built[0] is not built[1]
+    assert isinstance(built[0], DPMSolverMultistepScheduler)
+    assert built[0].config.algorithm_type == "dpmsolver++" and built[0].config.solver_order == 2
+    assert generator.pipeline.scheduler not in built
+    assert dict(generator.pipeline.scheduler.config) == loaded_config
+
+
+def test_no_scheduler_state_leaks_between_requests(generator):
+    request = GenerationRequest(**FAST, seed=3, scheduler="Euler ancestral")
+    first = generator.generate(request)
+    generator.generate(GenerationRequest(**FAST, seed=4, scheduler="PNDM"))
+    again = generator.generate(request)
+
+    assert first.images[0].image.tobytes() == again.images[0].image.tobytes()
+
+
+@pytest.mark.parametrize("name", scheduler_names())
+def test_every_scheduler_generates(generator, name):
+    result = generator.generate(GenerationRequest(**FAST, seed=2, scheduler=name))
+    assert result.images[0].image.size == (128, 128)
+    assert result.images[0].metadata["scheduler"] == name
+
+
+def test_schedulers_keep_the_checkpoint_betas(generator):
+    scheduler = make_scheduler("Euler", generator.pipeline.scheduler.config)
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert scheduler.config.beta_end == pytest.approx(0.012)
+    assert scheduler.config.steps_offset == 1
+
+
+@pytest.fixture
+def flag_second_image(generator, monkeypatch):
+    """The real safety checker, with only the second image of each batch flagged."""
+    checker = generator.pipeline.safety_checker
+    real_forward = checker.forward
+
+    def forward(clip_input, images):
+        images, _ = real_forward(clip_input, images)
+        return images, [i == 1 for i in range(len(images))]
+
+    monkeypatch.setattr(checker, "forward", forward)
+
+
+def test_a_flagged_image_is_dropped_and_the_others_returned(generator, flag_second_image):
+    result = generator.generate(GenerationRequest(**FAST, num_outputs=3, seed=10))
+
+    assert [item.seed for item in result.images] == [10, 12]
+    assert [item.index for item in result.images] == [0, 2]
+    assert result.flagged_seeds == [11]
+
+
+@pytest.fixture
+def flag_everything(generator):
+    set_nsfw_flagging(generator.pipeline.safety_checker, "always")
+    yield
+    set_nsfw_flagging(generator.pipeline.safety_checker, "never")
+
+
+def test_the_request_fails_only_when_every_image_is_flagged(generator, flag_everything):
+    with pytest.raises(NSFWError, match=r"All 2 image\(s\) were flagged.*seeds 5, 6"):
+        generator.generate(GenerationRequest(**FAST, num_outputs=2, seed=5))
+
+
+def test_disable_safety_checker_returns_flagged_images_for_that_request_only(generator, flag_everything):
+    result = generator.generate(GenerationRequest(**FAST, num_outputs=2, seed=5, disable_safety_checker=True))
+    assert len(result.images) == 2 and result.flagged_seeds == []
+    with pytest.raises(NSFWError):
+        generator.generate(GenerationRequest(**FAST, seed=5))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"width": 500}, "`width` must be a multiple of 64 between 128 and 1024, got 500"),
+        ({"height": 2048}, "`height` must be between 128 and 1024, got 2048"),
+        ({"width": "512"}, "`width` must be an integer between 128 and 1024, got '512'"),
+        ({"num_outputs": 0}, "`num_outputs` must be between 1 and 4, got 0"),
+        ({"width": 1024, "height": 1024, "num_outputs": 3}, "1024×1024×3 = 3,145,728 pixels exceeds the budget"),
+        ({"num_inference_steps": 101}, "`num_inference_steps` must be between 1 and 100, got 101"),
+        ({"guidance_scale": float("nan")}, "`guidance_scale` must be a number between 1.0 and 20.0, got nan"),
+        ({"scheduler": "euler"}, "`scheduler` must be one of 'DPM-Solver++ 2M'"),
+        ({"seed": 2**63}, f"`seed` must be between 0 and {2**63 - 1}, got {2**63}"),
+        ({"seed": True}, "`seed` must be an integer"),
+        ({"prompt": None}, "`prompt` must be text, got NoneType"),
+        ({"prompt_strength": -0.1}, "`prompt_strength` must be between 0.0 and 1.0, got -0.1"),
+        ({"output_format": "gif"}, "`output_format` must be one of webp, png, jpg; got 'gif'"),
+        ({"output_quality": 0}, "`output_quality` must be between 1 and 100, got 0"),
+        ({"mask": "mask.png"}, "`mask` was given without `image`"),
+    ],
+)
+def test_invalid_inputs_are_rejected_before_any_model_work(generator, monkeypatch, changes, needle):
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the UNet ran for an invalid request")
+
+    monkeypatch.setattr(generator.pipeline.unet, "forward", no_model_work)
+    with pytest.raises(InputError) as err:
+        generator.generate(GenerationRequest(**FAST | changes))
+    assert needle in str(err.value)
+
+
+def test_unreadable_image_and_mask_files_name_the_input(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    with pytest.raises(InputError, match="`image` could not be read as an image"):
+        GenerationRequest(**FAST, image=tmp_path / "broken.png").validate()
+    with pytest.raises(InputError, match="`mask` could not be read as an image"):
+        GenerationRequest(**FAST, image=tmp_path / "ok.png", mask=tmp_path / "missing.png").validate()
+    with pytest.raises(InputError, match=r"`prompt_strength` 0\.2 × `num_inference_steps` 2"):
+        GenerationRequest(**FAST, image=tmp_path / "ok.png", prompt_strength=0.2).validate()
+
+
+def test_img2img_and_inpaint_return_the_requested_size(generator, tmp_path):
+    Image.new("RGB", (300, 180), (30, 120, 200)).save(tmp_path / "in.jpg")
+    mask = Image.new("L", (300, 180), 0)
+    mask.paste(255, (0, 0, 150, 180))
+
+    img2img = generator.generate(GenerationRequest(**FAST | {"width": 192}, image=tmp_path / "in.jpg", seed=1))
+    inpaint = generator.generate(GenerationRequest(**FAST, image=tmp_path / "in.jpg", mask=mask, seed=1))
+
+    assert img2img.images[0].image.size == (192, 128)
+    assert img2img.images[0].metadata["mode"] == "img2img"
+    assert inpaint.images[0].image.size == (128, 128)
+    assert inpaint.images[0].metadata["mode"] == "inpaint"
+
+
+def test_cuda_out_of_memory_frees_memory_and_the_next_request_works(generator, monkeypatch):
+    freed = []
+    monkeypatch.setattr(serving, "free_accelerator_memory", lambda: freed.append(True))
+    real_call = serving.JapaneseStableDiffusionPipeline.__call__
+    calls = []
+
+    def call_once_out_of_memory(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(serving.JapaneseStableDiffusionPipeline, "__call__", call_once_out_of_memory)
+    with pytest.raises(serving.GenerationError, match="CUDA ran out of memory generating 2 image"):
+        generator.generate(GenerationRequest(**FAST, num_outputs=2, seed=1))
+    assert freed == [True]
+    assert len(generator.generate(GenerationRequest(**FAST, seed=1)).images) == 1
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+def test_saved_files_carry_prompt_seed_steps_scheduler_guidance_and_revision(generator, tmp_path, fmt):
+    request = GenerationRequest(
+        **FAST, prompt="夜の東京 <浮世絵> & 桜", negative_prompt="ぼやけた", seed=77, output_format=fmt
+    )
+    paths = generator.generate(request).save(tmp_path)
+
+    assert [p.name for p in paths] == [f"out-0.{fmt}"]
+    with Image.open(paths[0]) as image:
+        assert image.format == {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}[fmt]
+    meta = serving.read_metadata(paths[0])
+    assert meta["prompt"] == "夜の東京 <浮世絵> & 桜" and meta["negative_prompt"] == "ぼやけた"
+    assert meta["seed"] == "77" and meta["num_inference_steps"] == "2"
+    assert meta["scheduler"] == DEFAULT_SCHEDULER and meta["guidance_scale"] == "7.5"
+    assert meta["model_revision"] == "tiny-seed0"
+
+
+# ---- predict.py itself, as Cog calls it (setup once, then run) ----------------------------------------
+
+
+def load_predict_module():
+    spec = importlib.util.spec_from_file_location("predict", REPO / "predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predictor_setup_and_run_write_image_files(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+
+    paths = predictor.run(**FAST, **_run_defaults(), num_outputs=2, seed=21, output_format="png")
+
+    assert [p.suffix for p in paths] == [".png", ".png"]
+    assert [serving.read_metadata(p)["seed"] for p in paths] == ["21", "22"]
+    assert Image.open(paths[1]).size == (128, 128)
+
+
+def test_predictor_setup_fails_on_a_damaged_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
+    weights = shutil.copytree(tiny_checkpoint, tmp_path / "weights")
+    (weights / "unet" / "config.json").write_text("{}")
+    monkeypatch.setenv("JSD_WEIGHTS", str(weights))
+
+    with pytest.raises(WeightsVerificationError, match=r"unet/config\.json"):
+        load_predict_module().Predictor().setup()
+
+
+def _run_defaults() -> dict:
+    """run()'s declared defaults, as Cog would fill them in (FieldInfo → value)."""
+    import inspect
+
+    signature = inspect.signature(load_predict_module().Predictor.run)
+    values = {name: p.default.default for name, p in signature.parameters.items() if name != "self"}
+    return {k: v for k, v in values.items() if k not in {*FAST, "num_outputs", "seed", "output_format"}}
+
+
+def test_cog_image_installs_exactly_the_tested_pins():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    tested = {*project["dependencies"], *project["optional-dependencies"]["serve"]}
+    tested = {pin for pin in tested if not pin.startswith("cog==")}  # cog build brings its own SDK
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    image = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+    assert image == tested
+    assert 'run: "predict.py:Predictor"' in (REPO / "cog.yaml").read_text()
