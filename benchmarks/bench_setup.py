@@ -18,8 +18,9 @@ the arm's own), interleaved over ``--repeats`` rounds:
 - ``fp16-load``: the loading alone, ``from_pretrained(served, torch_dtype=float16)`` — on a CPU host this
   is the host half of a GPU setup (the fp16 tensors that would then be copied to the GPU);
 - ``2022``: ``JapaneseStableDiffusionPipeline.from_pretrained(rinna-2022/, torch_dtype=float32)`` then
-  ``.to(device)`` — rinna's README path, on today's diffusers (which already builds models on the meta
-  device: the random initialisation of 2022's diffusers is not repeated here, so this is a lower bound).
+  ``.to(device)`` — rinna's README path on today's libraries, which build models on the meta device;
+- ``2022-init``: the same with diffusers' ``low_cpu_mem_usage=False``, as the diffusers of 2022 (before
+  0.6) loaded: UNet and VAE are first built with random weights, then overwritten by the file.
 
 It prints each arm's median seconds (process start to ready is import + setup), peak RSS, and the
 ratios against ``2022``. The files are in the page cache (just written), as on a warm host; a cold
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from bench_common import REPO, default_tokenizer_model, device_label, median  # benchmarks/ is on sys.path
 
-ARMS = ("setup", "fp16-load", "2022")
+ARMS = ("setup", "fp16-load", "2022", "2022-init")
 # rinna's 2022 file names for the pickled weights of each model folder.
 RINNA_WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model.bin",
@@ -75,11 +76,15 @@ def write_checkpoints(workdir: Path, size: str, tokenizer: Path | None) -> tuple
 
     from jsd.tiny import make_checkpoint
 
+    served, legacy = workdir / "served", workdir / "rinna-2022"
+    if (served / "manifest.json").is_file() and (legacy / "unet" / RINNA_WEIGHT_FILES["unet"]).is_file():
+        print(f"reusing the checkpoints in {workdir} (delete it to rebuild)")
+        return served, legacy
     start = time.perf_counter()
-    served = make_checkpoint(workdir / "served", tokenizer_model=tokenizer, size=size, torch_dtype=torch.float16)
+    served = make_checkpoint(served, tokenizer_model=tokenizer, size=size, torch_dtype=torch.float16)
     print(f"wrote {served} (fp16 safetensors + manifest, {_folder_gib(served):.2f} GiB) in {_since(start)}")
     start = time.perf_counter()
-    legacy = write_2022_copy(served, workdir / "rinna-2022")
+    legacy = write_2022_copy(served, legacy)
     print(f"wrote {legacy} (pickled fp32 .bin, {_folder_gib(legacy):.2f} GiB) in {_since(start)}")
     return served, legacy
 
@@ -123,6 +128,10 @@ def child(arm: str, folder: str, device: str) -> dict:
     elif arm == "fp16-load":
         JapaneseStableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, use_safetensors=True)
     else:
+        if arm == "2022-init":
+            from diffusers.models import modeling_utils
+
+            modeling_utils._LOW_CPU_MEM_USAGE_DEFAULT = False  # random init, then load: 2022's diffusers
         pipe = JapaneseStableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=False)
         pipe.to(device)
     if device.startswith("cuda"):
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         served, legacy = write_checkpoints(workdir, args.size, args.tokenizer or default_tokenizer_model())
-        folders = {"setup": served, "fp16-load": served, "2022": legacy}
+        folders = {"setup": served, "fp16-load": served, "2022": legacy, "2022-init": legacy}
         results = {arm: [] for arm in args.arms}
         for repeat in range(args.repeats):
             order = args.arms if repeat % 2 == 0 else list(reversed(args.arms))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.models import modeling_utils
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 from diffusers.models.autoencoders.vae import DecoderOutput
 
@@ -269,6 +270,7 @@ def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monk
     monkeypatch.syspath_prepend(str(BENCHMARKS.parent))  # predict.py, for the `setup` arm
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("JSD_WEIGHTS", "unset")  # the `setup` arm sets it; restored afterwards
+    monkeypatch.setattr(modeling_utils, "_LOW_CPU_MEM_USAGE_DEFAULT", True)  # the `2022-init` arm clears it
     import bench_setup
 
     served = make_checkpoint(tmp_path / "served", torch_dtype=torch.float16)
@@ -283,6 +285,6 @@ def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monk
         old_state, new_state = getattr(old, name).state_dict(), getattr(new, name).state_dict()
         assert old_state.keys() == new_state.keys(), name
         assert all(torch.equal(old_state[k], new_state[k]) for k in old_state), name
-    for arm, folder in (("setup", served), ("fp16-load", served), ("2022", legacy)):
+    for arm, folder in (("setup", served), ("fp16-load", served), ("2022", legacy), ("2022-init", legacy)):
         result = bench_setup.child(arm, str(folder), "cpu")
         assert result["setup_s"] > 0 and result["peak_rss_bytes"] > 0, result
