@@ -283,8 +283,10 @@ class ImageGenerator:
             kwargs |= {"mask_image": checked.mask, "width": request.width, "height": request.height}
         try:
             return pipe(**kwargs)
-        except torch.cuda.OutOfMemoryError:
-            pass  # handled below: once the except block ends, its traceback no longer holds the tensors
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError, or cuDNN/cuBLAS failing to allocate
+            if not is_out_of_memory(err):
+                raise
+        # Out of memory, handled here: once the except block has ended, its traceback no longer holds the tensors.
         free_accelerator_memory()
         raise GenerationError(
             f"CUDA ran out of memory generating {request.num_outputs} image(s) of {request.width}×"
@@ -326,6 +328,12 @@ class ImageGenerator:
             meta |= {"mode": "inpaint" if request.mask is not None else "img2img"}
             meta |= {"prompt_strength": str(request.prompt_strength)}
         return meta
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA out of memory, as torch raises it or as a cuDNN/cuBLAS allocation failure."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "_ALLOC_FAILED" in text
 
 
 def free_accelerator_memory() -> None:
