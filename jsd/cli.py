@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", "--prompt_strength", dest="prompt_strength", type=float, default=0.8)
     gen.add_argument("--disable_safety_checker", "--disable-safety-checker", action="store_true")
+    gen.add_argument(
+        "--prompt_weighting", "--prompt-weighting", action="store_true", help="parse (text:1.3) emphasis weights"
+    )
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
@@ -96,6 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_strength=args.prompt_strength,
         output_format=_output_format(args.output),
         disable_safety_checker=args.disable_safety_checker,
+        prompt_weighting=args.prompt_weighting,
     )
     weights = Path(args.weights)
     try:
