@@ -139,7 +139,10 @@ def _download_and_convert(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     local = is_local(args.source)
     source = str(Path(args.source).expanduser().resolve()) if local else args.source
-    if not args.force and existing_checkpoint(dest, source=source, revision=args.revision) is not None:
+    # Without --revision, a complete folder of this source is a no-op, decided without the network. A hub
+    # --revision (a branch or tag) is resolved to its commit first; convert_checkpoint then compares.
+    quick_check = args.revision is None or local
+    if quick_check and not args.force and existing_checkpoint(dest, source=source, revision=args.revision):
         print(f"{describe(dest)}: already complete and verified; nothing to do.")
         return 0
     if local:
@@ -152,6 +155,9 @@ def _download_and_convert(args: argparse.Namespace) -> int:
     report = convert_checkpoint(
         folder, dest, source=source, revision=revision, torch_dtype=getattr(torch, args.dtype), force=args.force
     )
+    if report.already_complete:
+        print(f"{describe(dest)}: already complete and verified; nothing to do.")
+        return 0
     done = ", ".join(report.converted) or "nothing"
     resumed = f" (resumed: {', '.join(report.skipped)} were already converted)" if report.skipped else ""
     print(f"converted {done}{resumed}")

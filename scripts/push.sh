@@ -54,6 +54,14 @@ run() {
     fi
 }
 
+# 0. An interrupted conversion leaves these beside the weights; the image would carry them too.
+for leftover in "$(dirname "$weights")/.$(basename "$weights").staging" "$(dirname "$weights")/.$(basename "$weights").old"; do
+    if [ -e "$leftover" ]; then
+        echo "error: $leftover is left from an interrupted scripts/download_weights.py run and would be" \
+            "pushed in the image: rerun the download to finish it, or delete it" >&2
+        exit 1
+    fi
+done
 # 1. The weights are present and match their manifest (and are not a tiny test checkpoint).
 run "$python" scripts/download_weights.py --verify-only "$weights" "${allow_tiny[@]}"
 # 2. The test suite passes (lint included).

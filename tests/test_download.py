@@ -95,6 +95,10 @@ def test_hub_download_fetches_only_what_serving_needs_pinned_to_the_commit(fake_
     assert download_weights.main(["--dest", str(dest)]) == 0
     assert "already complete and verified; nothing to do" in capsys.readouterr().out
     assert len(hub.info_calls) == 1
+    # A branch name is resolved to its commit first: the same commit is still a no-op.
+    assert download_weights.main(["--dest", str(dest), "--revision", "main"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert hub.info_calls[-1] == (REPO_ID, "main", "hf_test")
 
 
 def _response(status: int) -> httpx2.Response:
@@ -174,6 +178,14 @@ def test_push_rejects_a_model_name_that_is_not_on_replicate(fake_tools):
     env, _log = fake_tools
     result = _push("--dry-run", "alice/japanese-sd", env=env)
     assert result.returncode == 2 and "r8.im/OWNER/MODEL" in result.stderr and "alice/japanese-sd" in result.stderr
+
+
+def test_push_refuses_the_leftovers_of_an_interrupted_conversion(fake_tools, tmp_path):
+    env, log = fake_tools
+    (tmp_path / ".weights.staging" / "unet").mkdir(parents=True)
+    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env | {"JSD_WEIGHTS": str(tmp_path / "weights")})
+    assert result.returncode == 1 and f"{tmp_path}/.weights.staging is left from an interrupted" in result.stderr
+    assert result.stdout == "" and not log.exists()
 
 
 def test_push_verifies_then_tests_then_pushes_and_stops_at_bad_weights(fake_tools, tiny_checkpoint, tmp_path):
