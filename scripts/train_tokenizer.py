@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption_column", default="text", help="Caption key in .jsonl files.")
     args = parser.parse_args(argv)
     if args.vocab_size < len(CONTROL_SYMBOLS) + 5:
-        parser.error(f"`--vocab_size`={args.vocab_size} is too small; use at least {len(CONTROL_SYMBOLS) + 5}.")
+        minimum = len(CONTROL_SYMBOLS) + 5
+        print(f"error: `--vocab_size`={args.vocab_size} is too small; use at least {minimum}.", file=sys.stderr)
+        return 2
     try:
         tokenizer = train_sentencepiece(
             read_captions(args.captions, args.caption_column), args.output, vocab_size=args.vocab_size
