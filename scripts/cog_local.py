@@ -388,21 +388,32 @@ def cmd_serve(args) -> int:
     os.execve(sys.executable, server_command(args.host), server_env(args.port, args.weights))
 
 
+def fetch_schema(url: str) -> dict:
+    """A running server's ``GET /openapi.json``."""
+    with urllib.request.urlopen(f"{url}/openapi.json", timeout=30) as response:
+        return json.load(response)
+
+
 def cmd_predict(args) -> int:
-    schema = openapi_schema()
-    inputs = parse_inputs(args.input, schema)
-    if args.url:
-        return _predict_at(args.url.rstrip("/"), inputs, args)
-    with running_server(args.weights, workdir=REPO, log=sys.stderr) as (url, process):
+    if args.url:  # the server's own schema: no need to import the predictor here
+        url = args.url.rstrip("/")
+        return _predict_at(url, parse_inputs(args.input, fetch_schema(url)), args)
+    inputs = parse_inputs(args.input, openapi_schema())
+    log_path = REPO / ".cog" / "coglet.log"
+    log_path.parent.mkdir(exist_ok=True)
+    print(f"Starting coglet (setup can take a minute; server log: {log_path})", file=sys.stderr)
+    with open(log_path, "wb") as log, running_server(args.weights, workdir=REPO, log=log) as (url, process):
         state = wait_for_setup(url, process, args.setup_timeout)
         if state["status"] != "READY":
-            print(f"Setup failed: {json.dumps(state, ensure_ascii=False)}", file=sys.stderr)
+            print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
             return 1
         return _predict_at(url, inputs, args)
 
 
 def _predict_at(url: str, inputs: dict, args) -> int:
     status, body = post_prediction(url, inputs)
+    if body.get("logs"):
+        print(body["logs"].rstrip(), file=sys.stderr)
     if status != 200 or body.get("status") != "succeeded":
         print(f"Prediction failed ({status} {body.get('status', '')}): {error_text(status, body)}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from cogserver import cog_server
+from cogserver import cog_local, cog_server
 from PIL import Image
 
 from jsd.serving import read_metadata
@@ -189,3 +189,26 @@ def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
         time.sleep(0.1)
     assert_ready(server)
     assert server.predict(FAST)[1]["status"] == "succeeded"
+
+
+def test_cog_local_predict_writes_the_outputs_and_fails_loudly(server, tmp_path, capsys):
+    Image.new("RGB", (200, 120), (20, 90, 160)).save(tmp_path / "in.png")
+    args = ["predict", "--url", server.url, "-i", "width=192", "-i", "height=128", "-i", "num_inference_steps=2"]
+
+    code = cog_local.main(
+        [*args, "-i", "num_outputs=2", "-i", f"image=@{tmp_path / 'in.png'}", "-o", str(tmp_path / "o")]
+    )
+    assert code == 0
+    written = sorted((tmp_path / "o").iterdir())
+    assert [p.name for p in written] == ["output.0.webp", "output.1.webp"]
+    assert Image.open(written[0]).size == (192, 128)
+
+    assert (
+        cog_local.main(
+            [*args, "-i", "num_outputs=4", "-i", "width=1024", "-i", "height=1024", "-o", str(tmp_path / "bad")]
+        )
+        == 1
+    )
+    assert "`width` × `height` × `num_outputs`" in capsys.readouterr().err
+    assert cog_local.main([*args, "-i", "guidance_scale=lots"]) == 1
+    assert "guidance_scale" in capsys.readouterr().err
