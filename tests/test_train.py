@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 from jsd.manifest import verify_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.training.config import parse_config
-from jsd.training.data import ImageFolderSource, Position, RecordStream, TarShardSource, expand_braces
+from jsd.training.data import (
+    BadRecord,
+    ImageFolderSource,
+    Position,
+    RecordStream,
+    TarShardSource,
+    expand_braces,
+)
 from jsd.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,6 +299,18 @@ def test_stream_resumes_exactly_from_a_position(tmp_path):
     for expected in first[5:]:
         got = next(rest)
         assert got["text"] == expected["text"] and torch.equal(got["pixel_values"], expected["pixel_values"])
+
+
+def test_shards_stream_from_a_command_and_missing_shards_are_counted(tmp_path):
+    tar_shards(tmp_path / "shards", num_shards=1)
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    source = TarShardSource([f"pipe:cat {shard}", str(tmp_path / "shards" / "gone.tar")])
+    keys = [key for key, _ in source.records(0, 0, 0)]
+    assert keys == [f"pipe:cat {shard}:000{r:03d}" for r in range(3)]
+    [(key, fetch)] = list(source.records(1, 0, 0))
+    assert key.endswith("gone.tar")
+    with pytest.raises(BadRecord, match="unreadable shard"):
+        fetch()
 
 
 def test_brace_patterns_expand_like_webdataset():

@@ -13,16 +13,19 @@ Both sources are read as one deterministic, resumable stream per data-loading wo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
 import re
+import signal
 import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -219,11 +222,19 @@ def _raise(err: Exception) -> Fetch:
     return fetch
 
 
-def _open_shard(url: str):
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # the user's own command
-        return proc.stdout
-    return open(url, "rb")
+@contextlib.contextmanager
+def _open_shard(url: str) -> Iterator[BinaryIO]:
+    if not url.startswith("pipe:"):
+        with open(url, "rb") as f:
+            yield f
+        return
+    proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # the user's own command
+    try:
+        yield proc.stdout
+    finally:
+        proc.stdout.close()
+        if proc.wait() not in (0, -signal.SIGPIPE):  # SIGPIPE: we stopped reading early
+            raise OSError(f"`{url[5:]}` exited with status {proc.returncode}")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -282,6 +293,12 @@ class RecordStream(IterableDataset):
     ) -> None:
         self.source, self.resolution, self.random_flip, self.seed = source, resolution, random_flip, seed
         self.rank, self.world_size, self.streams = rank, world_size, max(num_workers, 1)
+        total = world_size * self.streams
+        if source.num_shards == 1 and source.num_records is not None and source.num_records < total:
+            raise ValueError(
+                f"The training data has {source.num_records} records, fewer than the {total} streams reading it "
+                f"({world_size} processes × {self.streams}): lower `--dataloader_num_workers` or add data."
+            )
         self.start: dict[int, Position] = {}
         # DataLoader takes batches from its workers in turn, starting with worker 0; a resumed run
         # renumbers the workers so that the stream due next is served first.

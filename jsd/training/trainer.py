@@ -80,6 +80,9 @@ def train(config: TrainConfig) -> Path:
     """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process)."""
     accelerator = make_accelerator(config)
     log_setup(accelerator, config)
+    source = make_source(  # before loading models: a wrong data path fails at once
+        train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
+    )
     with accelerator.main_process_first():
         source_folder = resolve_checkpoint(config.pretrained_model_name_or_path, revision=config.revision)
     components = load_training_components(source_folder, config)
@@ -89,9 +92,6 @@ def train(config: TrainConfig) -> Path:
         components["unet"].enable_gradient_checkpointing()
         components["text_encoder"].activation_checkpointing_enable()  # transformers 5's name
 
-    source = make_source(
-        train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
-    )
     max_steps = config.max_steps(source.num_records, accelerator.num_processes)
     optimizer = make_optimizer(trained, config, accelerator.num_processes)
     lr_scheduler = get_scheduler(
