@@ -281,3 +281,23 @@ def test_cog_image_installs_exactly_the_tested_pins():
 
     assert image == tested
     assert 'run: "predict.py:Predictor"' in (REPO / "cog.yaml").read_text()
+
+
+def test_cog_loads_and_inspects_the_predictor_without_deprecation_warnings(monkeypatch):
+    import warnings
+
+    from cog import _inspector
+    from cog.predictor import load_predictor_from_ref
+
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = load_predictor_from_ref("predict.py:Predictor")  # what coglet's worker does
+        info = _inspector.create_predictor("predict", "Predictor")  # what the schema is built from
+    # cog's own: "Predictor is deprecated; use Runner …", "….predict() is deprecated; use run() …", "BasePredictor …"
+    messages = [str(w.message) for w in caught]
+    cog_warnings = [m for m in messages if "deprecated" in m and ("Runner" in m or "run()" in m)]
+
+    assert cog_warnings == []
+    assert type(predictor).__name__ == "Predictor" and "prompt" in info.inputs
+    assert info.output.json_type() == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
