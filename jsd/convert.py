@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil, CLIPTextModel
 
@@ -173,26 +174,40 @@ def local_revision(folder: Path) -> str:
 def load_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a pickled ``.bin`` file, read without executing code (``weights_only=True``)."""
     path = Path(path)
+    if _is_lfs_pointer(path):
+        raise ConversionError(
+            f"{path} is a git-lfs pointer, not the weights: run `git lfs install && git lfs pull` in the clone."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message advises weights_only=False; keep only the line that says what was blocked.
-        lines = [line.strip() for line in str(err).splitlines()]
-        detail = next((line for line in lines if "unsupported" in line.lower()), lines[-1] if lines else "")
-        raise UnsafePickleError(
-            f"Refused to load {path}: it is a pickle that would import or call code when loaded ({detail}). "
-            "Weights files must hold tensors only; download them again from a source you trust."
-        ) from err
+        blocked = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+        if blocked:
+            raise UnsafePickleError(
+                f"Refused to load {path}: it is a pickle that would import or call code when loaded "
+                f"({blocked[-1]}). Weights files must hold tensors only; download them again from a source you trust."
+            ) from err
+        raise _unreadable(path, err) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ConversionError(
-            f"{path} is not a readable PyTorch weights file ({str(err)[:200]}): truncated or corrupt. "
-            "Delete it and run the download again."
-        ) from err
+        raise _unreadable(path, err) from err
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ConversionError(f"{path} does not hold a state dict of tensors (found {type(state).__name__}).")
     return state
+
+
+def _unreadable(path: Path, err: Exception) -> ConversionError:
+    return ConversionError(
+        f"{path} is not a readable PyTorch weights file ({str(err).strip()[:200]}): truncated or corrupt. "
+        "Delete it and run the download again."
+    )
+
+
+def _is_lfs_pointer(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(64).startswith(b"version https://git-lfs")
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,7 +244,7 @@ def _convert_model(comp: str, src: Path, out: Path, scratch: Path, dtype: torch.
         model, info = cls.from_pretrained(
             load_from, use_safetensors=True, local_files_only=True, output_loading_info=True, **dtype_kw
         )
-    except (ValueError, RuntimeError, OSError) as err:
+    except (ValueError, RuntimeError, OSError, SafetensorError) as err:
         raise ConversionError(
             f"{comp} weights {', '.join(map(str, weights))} do not fit {src / 'config.json'}: {err}"
         ) from err

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from rinna2022 import write_2022_checkpoint
@@ -105,6 +106,14 @@ def test_truncated_pickle_is_named(tmp_path, old_checkpoint):
     vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
     with pytest.raises(ConversionError, match=r"vae/diffusion_pytorch_model\.bin is not a readable .*truncated"):
         convert_checkpoint(source, tmp_path / "weights", source="hub", revision="r")
+
+
+def test_a_git_lfs_pointer_instead_of_weights_is_explained(tmp_path, old_checkpoint):
+    source = shutil.copytree(old_checkpoint, tmp_path / "clone")
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 3438167536\n"
+    (source / "unet" / "diffusion_pytorch_model.bin").write_text(pointer)
+    with pytest.raises(ConversionError, match=r"unet/diffusion_pytorch_model\.bin is a git-lfs pointer.*git lfs pull"):
+        convert_checkpoint(source, tmp_path / "weights", source="clone", revision="r")
 
 
 def test_weights_of_another_architecture_are_refused_with_the_keys(tmp_path, old_checkpoint):
@@ -276,3 +285,10 @@ def test_cog_server_reports_setup_failed_naming_the_altered_file(served):
         assert "unet/diffusion_pytorch_model.safetensors does not match its sha256" in logs
         status, body = server.predict({"prompt": "猫"}, wait_if_busy=0)
         assert status == 503 and body["status"] == "failed"  # no prediction runs on unverified weights
+
+
+@pytest.mark.gpu
+def test_converted_fp16_weights_give_finite_images_on_cuda(converted):
+    pipe = JapaneseStableDiffusionPipeline.from_pretrained(converted, use_safetensors=True, torch_dtype=torch.float16)
+    images = pipe.to("cuda")("猫の油絵", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert np.isfinite(images).all() and images.std() > 0
