@@ -285,6 +285,7 @@ def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monk
         old_state, new_state = getattr(old, name).state_dict(), getattr(new, name).state_dict()
         assert old_state.keys() == new_state.keys(), name
         assert all(torch.equal(old_state[k], new_state[k]) for k in old_state), name
-    for arm, folder in (("setup", served), ("fp16-load", served), ("2022", legacy), ("2022-init", legacy)):
+    for arm, folder in (("setup", served), ("served-fp16", served), ("2022", legacy), ("2022-init", legacy)):
         result = bench_setup.child(arm, str(folder), "cpu")
         assert result["setup_s"] > 0 and result["peak_rss_bytes"] > 0, result
+        assert result["dtype"] == ("torch.float16" if arm == "served-fp16" else "torch.float32"), result
