@@ -56,7 +56,7 @@ MAX_SEED = 2**63 - 1  # a random seed is 63 bits; seed + 3 still fits torch's 64
 # and the activations of the UNet (classifier-free guidance doubles the batch) and of the VAE decoder
 # (it decodes the whole batch at once) grow with width × height × num_outputs. Four 768×768 images
 # (2,359,296 pixels) keep the peak well under the T4's 15 GiB usable memory; anything larger
-# is refused before it reaches the GPU. Single images may be up to 1024×1024 (and 1024×768 twice).
+# is refused before it reaches the GPU. Two 1024×1024 images (2,097,152 pixels) fit too.
 MAX_PIXELS = 4 * 768 * 768
 
 
