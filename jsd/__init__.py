@@ -1,13 +1,24 @@
-"""jsd — Japanese Stable Diffusion (rinna) on diffusers: tokenizer, pipelines, loading."""
+"""jsd — Japanese Stable Diffusion (rinna) on diffusers: tokenizer, pipelines, prompt front end.
 
-from jsd.pipelines import (
-    JapaneseStableDiffusionImg2ImgPipeline,
-    JapaneseStableDiffusionInpaintPipeline,
-    JapaneseStableDiffusionPipeline,
-)
-from jsd.prompting import TokenReport, tokenize_report
-from jsd.tokenizer import JapaneseTokenizer
+The public names are imported on first use, so that ``import jsd.manifest`` or a CLI's ``--help``
+does not pay for importing diffusers.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "JapaneseStableDiffusionPipeline": "jsd.pipelines",
+    "JapaneseStableDiffusionImg2ImgPipeline": "jsd.pipelines",
+    "JapaneseStableDiffusionInpaintPipeline": "jsd.pipelines",
+    "JapaneseTokenizer": "jsd.tokenizer",
+    "TokenReport": "jsd.prompting",
+    "tokenize_report": "jsd.prompting",
+}
 __all__ = [
     "JapaneseStableDiffusionImg2ImgPipeline",
     "JapaneseStableDiffusionInpaintPipeline",
@@ -16,4 +27,20 @@ __all__ = [
     "TokenReport",
     "tokenize_report",
 ]
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from jsd.pipelines import (
+        JapaneseStableDiffusionImg2ImgPipeline,
+        JapaneseStableDiffusionInpaintPipeline,
+        JapaneseStableDiffusionPipeline,
+    )
+    from jsd.prompting import TokenReport, tokenize_report
+    from jsd.tokenizer import JapaneseTokenizer
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jsd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
