@@ -20,8 +20,9 @@ the arm's own), interleaved over ``--repeats`` rounds:
   GPU start-up (all that is left is the copy of 2.5 GB to the GPU);
 - ``2022``: ``JapaneseStableDiffusionPipeline.from_pretrained(rinna-2022/, torch_dtype=float32)`` then
   ``.to(device)`` — rinna's README path on today's libraries, which build models on the meta device;
-- ``2022-init``: the same with diffusers' ``low_cpu_mem_usage=False``, as the diffusers of 2022 (before
-  0.6) loaded: UNet and VAE are first built with random weights, then overwritten by the file.
+- ``2022-init``: the same as the diffusers of 2022 (before 0.6) loaded: UNet and VAE (about 70% of the
+  weights) are first built with random weights, then overwritten by the file (today's diffusers skips
+  that initialisation even with ``low_cpu_mem_usage=False``; the benchmark undoes both).
 
 Every arm ends with every weight resident (read once on a CPU, copied on a GPU): the loaders memory-map
 the files, and an unread weight is a cost deferred to the first prediction, not saved. It prints each
@@ -138,9 +139,14 @@ def child(arm: str, folder: str, device: str) -> dict:
         pipe.to(device)
     else:
         if arm == "2022-init":
+            import contextlib
+
             from diffusers.models import modeling_utils
 
-            modeling_utils._LOW_CPU_MEM_USAGE_DEFAULT = False  # random init, then load: 2022's diffusers
+            # The diffusers of 2022 built each model with random weights, then copied the file in. Today's
+            # skips the initialisation even with low_cpu_mem_usage=False (no_init_weights): undo both.
+            modeling_utils._LOW_CPU_MEM_USAGE_DEFAULT = False
+            modeling_utils.no_init_weights = contextlib.nullcontext
         pipe = JapaneseStableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=False)
         pipe.to(device)
     materialize(pipe)

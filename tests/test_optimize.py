@@ -270,7 +270,8 @@ def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monk
     monkeypatch.syspath_prepend(str(BENCHMARKS.parent))  # predict.py, for the `setup` arm
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("JSD_WEIGHTS", "unset")  # the `setup` arm sets it; restored afterwards
-    monkeypatch.setattr(modeling_utils, "_LOW_CPU_MEM_USAGE_DEFAULT", True)  # the `2022-init` arm clears it
+    monkeypatch.setattr(modeling_utils, "_LOW_CPU_MEM_USAGE_DEFAULT", True)  # the `2022-init` arm changes
+    monkeypatch.setattr(modeling_utils, "no_init_weights", modeling_utils.no_init_weights)  # both; restored
     import bench_setup
 
     served = make_checkpoint(tmp_path / "served", torch_dtype=torch.float16)
