@@ -27,8 +27,8 @@ the arm's own), interleaved over ``--repeats`` rounds:
 Every arm ends with every weight resident (read once on a CPU, copied on a GPU): the loaders memory-map
 the files, and an unread weight is a cost deferred to the first prediction, not saved. It prints each
 arm's median seconds (process start to ready is import + setup), peak RSS, and the ratios against
-``2022``. The files are in the page cache (just written), as on a warm host; a cold disk adds its read
-time to every arm, more to the larger fp32 files.
+``2022``. By default the files are in the page cache (just written), as on a warm host; ``--cold``
+evicts them before every run (``posix_fadvise(DONTNEED)`` on those files only), as after a reboot.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a new /tmp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the checkpoint's files from the page cache before every run"
+    )
     parser.add_argument(
         "--tokenizer", type=Path, help="sentencepiece model (default: rinna's from ../shared if present)"
     )
@@ -234,12 +237,28 @@ def main(argv: list[str] | None = None) -> None:
         for repeat in range(args.repeats):
             order = args.arms if repeat % 2 == 0 else list(reversed(args.arms))
             for arm in order:
+                if args.cold:
+                    evict(folders[arm])
                 results[arm].append(measure(arm, folders[arm], args.device))
+        cache = "evicted from the page cache before every run (cold)" if args.cold else "in the page cache (warm)"
         print(f"{args.size} SD v1 shapes, {args.repeats} interleaved rounds, fresh process each, device {args.device}")
+        print(f"checkpoint files {cache}")
         report(results)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def evict(folder: Path) -> None:
+    """Drop ``folder``'s files (only those) from the page cache, as after a reboot: the next read hits the disk."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # written pages must be clean to be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _folder_gib(folder: Path) -> float:
