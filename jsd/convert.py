@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import subprocess
@@ -44,7 +43,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil, CLIPTextModel
 
 from jsd.loading import load_components, load_scheduler
-from jsd.manifest import WeightsVerificationError, read_manifest, verify_manifest, write_manifest
+from jsd.manifest import WeightsVerificationError, read_manifest, swap_into_place, verify_manifest, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.tokenizer import JapaneseTokenizer
 
@@ -366,7 +365,7 @@ def convert_checkpoint(
     for hidden in staging.glob(".*"):
         shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
     write_manifest(staging, source=source, revision=revision)
-    _swap_into_place(staging, dest)
+    swap_into_place(staging, dest)
     return report
 
 
@@ -379,15 +378,6 @@ def _staging(dest: Path, stamp: dict) -> Path:
     staging.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(json.dumps(stamp))
     return staging
-
-
-def _swap_into_place(staging: Path, dest: Path) -> None:
-    old = dest.parent / f".{dest.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe(dest: str | Path) -> str:

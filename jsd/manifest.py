@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -31,6 +32,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pic
 
 class WeightsVerificationError(RuntimeError):
     """A served checkpoint does not match its manifest; the message names the file."""
+
+
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Replace ``dest`` by the finished ``staging`` folder with renames (``dest`` is never half-written).
+
+    ``staging`` must sit beside ``dest`` (same filesystem). The previous ``dest`` is moved to
+    ``.<dest>.old`` for the instant between the two renames, then removed.
+    """
+    old = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -24,7 +24,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from jsd.loading import load_components, resolve_checkpoint
-from jsd.manifest import write_manifest
+from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.training import checkpointing
 from jsd.training.config import TrainConfig
@@ -350,17 +350,11 @@ def export_served(
     pipe = JapaneseStableDiffusionPipeline(
         **components, requires_safety_checker=components["safety_checker"] is not None
     )
-    staging = output_dir.with_name(output_dir.name + ".partial")
+    # The same hidden staging name as jsd.convert (scripts/push.sh refuses to push with one left over).
+    staging = output_dir.parent / f".{output_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     write_manifest(staging, source=source, revision=revision)
-    if output_dir.exists():
-        old = output_dir.with_name(output_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        output_dir.rename(old)
-        staging.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        staging.rename(output_dir)
+    swap_into_place(staging, output_dir)
     logger.info("Saved the served layout to %s (load it with JSD_WEIGHTS=%s)", output_dir, output_dir)
     return output_dir
