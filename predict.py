@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -30,6 +31,9 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Verify the checkpoint against its manifest, then load it once (CUDA fp16, else CPU fp32)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # One folder for the outputs, emptied at the start of every run: predictions run one at a time
+        # (cog.yaml sets no concurrency) and Cog has read the previous outputs before it starts the next.
+        self.output_dir = tempfile.mkdtemp(prefix="jsd-outputs-")
         folder = os.environ.get("JSD_WEIGHTS", "weights")
         start = time.perf_counter()
         manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
@@ -52,8 +56,17 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What to draw, in Japanese.", default=serving.DEFAULT_PROMPT),
-        negative_prompt: str = Input(description="What not to draw.", default=""),
+        prompt: str = Input(
+            description=f"What to draw, in Japanese (at most {serving.MAX_PROMPT_CHARS:,} characters; no control "
+            "characters other than tab and newline).",
+            max_length=serving.MAX_PROMPT_CHARS,
+            default=serving.DEFAULT_PROMPT,
+        ),
+        negative_prompt: str = Input(
+            description=f"What not to draw (at most {serving.MAX_PROMPT_CHARS:,} characters).",
+            max_length=serving.MAX_PROMPT_CHARS,
+            default="",
+        ),
         prompt_weighting: bool = Input(
             description="Read (text:1.3) or （テキスト：１．３） as emphasis weights in `prompt` and "
             "`negative_prompt`; off: brackets are plain text. Write a literal bracket as \\( or \\).",
@@ -104,6 +117,8 @@ class Predictor(BaseRunner):
             description="Return images the safety checker would flag as NSFW.", default=False
         ),
     ) -> list[Path]:
+        shutil.rmtree(self.output_dir, ignore_errors=True)  # the previous prediction's files
+        os.makedirs(self.output_dir)
         request = serving.GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -129,4 +144,4 @@ class Predictor(BaseRunner):
         self.record_metric("nsfw_filtered", len(result.flagged_seeds))
         self.record_metric("inference_seconds", round(result.inference_seconds, 3))
         logger.info("Seeds %s; returned %d image(s)", result.seeds, len(result.images))
-        return [Path(p) for p in result.save(tempfile.mkdtemp(prefix="jsd-"))]
+        return [Path(p) for p in result.save(self.output_dir)]

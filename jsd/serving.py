@@ -11,6 +11,8 @@ What a user can rely on:
 
 - every input is checked by :meth:`GenerationRequest.validate` before any model work, and a bad one
   raises :class:`InputError` naming the input, the value and what is allowed;
+- ``prompt`` and ``negative_prompt`` hold at most :data:`MAX_PROMPT_CHARS` characters and no control
+  characters other than tab and newline (they are embedded in every output file's metadata);
 - image ``i`` of a request uses its own generator seeded ``seed + i``, so it can be reproduced alone
   with ``num_outputs=1`` and ``seed=seed + i``;
 - a new scheduler is built for every call, so no sampler state leaks from one request into the next;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +42,7 @@ from jsd.pipelines import (
     JapaneseStableDiffusionInpaintPipeline,
     JapaneseStableDiffusionPipeline,
 )
-from jsd.prompting import TokenReport, tokenize_prompt
+from jsd.prompting import DEFAULT_MAX_PROMPT_CHUNKS, TokenReport, tokenize_prompt
 from jsd.schedulers import DEFAULT_SCHEDULER, check_scheduler_name, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,16 @@ MIN_SIDE, MAX_SIDE = 128, 1024
 MAX_OUTPUTS = 4
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
+# `prompt` and `negative_prompt`, in characters. The model reads at most DEFAULT_MAX_PROMPT_CHUNKS (3) chunks of
+# 76 pieces: about 400 Japanese characters or 900 of romaji with rinna's tokenizer. 2,000 leaves room for
+# weight syntax and spaces while keeping tokenizing (twice: here and in the pipeline), logging and embedding
+# the prompt in every output file cheap; a longer prompt would only be truncated anyway.
+MAX_PROMPT_CHARS = 2000
+# Control characters (C0, DEL, C1) other than tab and newline, and unpaired surrogates: they break the XMP
+# metadata of WebP/JPEG outputs (XML 1.0 forbids most of them) or cannot be written as UTF-8 at all.
+_FORBIDDEN_TEXT_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# What XML 1.0 does not allow in a document; dropped from the XMP packet whatever its source.
+_NOT_XML_CHARS = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 MAX_SEED = 2**63 - 1  # a random seed is 63 bits; seed + 3 still fits torch's 64-bit generator
 # Pixel budget for one request on a 16 GB T4 (fp16, SDPA attention): the weights take about 2.6 GB
 # and the activations of the UNet (classifier-free guidance doubles the batch) and of the VAE decoder
@@ -237,6 +250,8 @@ class ImageGenerator:
         """
         checked = request.validate()
         logger.info("Generating %d image(s) with seeds %s", request.num_outputs, checked.seeds)
+        # The pipeline tokenizes the prompt again in encode_prompt; within MAX_PROMPT_CHARS that costs a few
+        # milliseconds (about 6 ms for 2,000 characters), so this report is not threaded through to it.
         report = tokenize_prompt(self.pipeline.tokenizer, request.prompt, prompt_weighting=request.prompt_weighting)
         logger.info("Prompt tokens:\n%s", report)
         pipe = self._assemble(checked)
@@ -393,7 +408,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _xmp_packet(metadata: dict[str, str]) -> bytes:
-    fields = "".join(f"<jsd:{key}>{escape(value)}</jsd:{key}>" for key, value in metadata.items())
+    """The XMP packet of ``metadata``: characters XML 1.0 forbids are dropped, a carriage return kept as ``&#13;``."""
+    fields = "".join(
+        f"<jsd:{key}>{escape(_NOT_XML_CHARS.sub('', value), {chr(13): '&#13;'})}</jsd:{key}>"
+        for key, value in metadata.items()
+    )
     return (
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
         f'<rdf:Description rdf:about="" xmlns:jsd="{XMP_NAMESPACE}">{fields}</rdf:Description>'
@@ -404,6 +423,19 @@ def _xmp_packet(metadata: dict[str, str]) -> bytes:
 def _check_text(name: str, value: object) -> None:
     if not isinstance(value, str):
         raise InputError(f"`{name}` must be text, got {type(value).__name__}: {value!r}.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InputError(
+            f"`{name}` has {len(value):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed (the model reads "
+            f"at most {DEFAULT_MAX_PROMPT_CHUNKS} chunks of 76 tokens, about 400 Japanese characters): shorten it."
+        )
+    bad = _FORBIDDEN_TEXT_CHARS.search(value)
+    if bad:
+        code = ord(bad.group())
+        if 0xD800 <= code <= 0xDFFF:
+            kind, allowed = "an unpaired surrogate", "text must be valid Unicode"
+        else:
+            kind, allowed = "the control character", "the only control characters allowed are tab and newline"
+        raise InputError(f"`{name}` contains {kind} U+{code:04X} at position {bad.start()}; {allowed}: remove it.")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:

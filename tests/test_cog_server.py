@@ -75,6 +75,19 @@ def test_output_files_carry_the_settings(server, tmp_path):
     assert meta["model_revision"] == "tiny-seed0"
 
 
+def test_consecutive_predictions_each_return_their_own_valid_images(server, tmp_path):
+    # predict.py empties its one output folder when a prediction starts: coglet must have read the
+    # previous prediction's files by then.
+    first = server.predict(FAST | {"seed": 31, "num_outputs": 2, "output_format": "png"})[1]
+    second = server.predict(FAST | {"seed": 32, "prompt": '夜の東京\n"雨"'})[1]
+
+    assert first["status"] == second["status"] == "succeeded", (first.get("error"), second.get("error"))
+    assert [decode(uri)[1].format for uri in first["output"] + second["output"]] == ["PNG", "PNG", "WEBP"]
+    assert first["output"][0] != first["output"][1]
+    (tmp_path / "second.webp").write_bytes(decode(second["output"][0])[0])
+    assert read_metadata(tmp_path / "second.webp")["prompt"] == '夜の東京\n"雨"'
+
+
 def test_same_seed_gives_the_same_bytes(server):
     request = FAST | {"seed": 1234, "output_format": "png"}
     first, second, other = (server.predict(r)[1] for r in (request, request, request | {"seed": 1235}))
@@ -113,6 +126,8 @@ def test_img2img_and_inpaint_accept_image_and_mask_data(server):
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
         ({"prompt": 5}, "prompt"),
+        ({"prompt": "あ" * 2001}, "prompt"),
+        ({"negative_prompt": "x" * 2001}, "negative_prompt"),
         ({"prompt_strength": 1.5}, "prompt_strength"),
         ({"output_format": "gif"}, "output_format"),
         ({"disable_safety_checker": "maybe"}, "disable_safety_checker"),
@@ -137,6 +152,7 @@ BROKEN = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not rea
         ({"image": data_uri(Image.new("RGB", (64, 64))), "mask": BROKEN}, "`mask` could not be read as an image"),
         ({"mask": data_uri(Image.new("L", (64, 64)))}, "`mask` was given without `image`"),
         ({"image": data_uri(Image.new("RGB", (64, 64))), "prompt_strength": 0.1}, "`prompt_strength`"),
+        ({"prompt": "猫\u0001犬"}, "`prompt` contains the control character U+0001 at position 1"),
     ],
 )
 def test_inputs_the_schema_cannot_judge_fail_the_prediction_naming_the_input(server, inputs, needle):

@@ -139,6 +139,11 @@ def test_disable_safety_checker_returns_flagged_images_for_that_request_only(gen
         ({"seed": 2**63}, f"`seed` must be between 0 and {2**63 - 1}, got {2**63}"),
         ({"seed": True}, "`seed` must be an integer"),
         ({"prompt": None}, "`prompt` must be text, got NoneType"),
+        ({"prompt": "あ" * 2001}, "`prompt` has 2,001 characters; at most 2,000 are allowed"),
+        ({"negative_prompt": "x" * 10**6}, "`negative_prompt` has 1,000,000 characters; at most 2,000"),
+        ({"prompt": "猫\x01犬"}, "`prompt` contains the control character U+0001 at position 1"),
+        ({"negative_prompt": "a\r\nb"}, "`negative_prompt` contains the control character U+000D at position 1"),
+        ({"prompt": "猫\ud800"}, "`prompt` contains an unpaired surrogate U+D800 at position 1"),
         ({"prompt_strength": -0.1}, "`prompt_strength` must be between 0.0 and 1.0, got -0.1"),
         ({"output_format": "gif"}, "`output_format` must be one of webp, png, jpg; got 'gif'"),
         ({"output_quality": 0}, "`output_quality` must be between 1 and 100, got 0"),
@@ -153,6 +158,25 @@ def test_invalid_inputs_are_rejected_before_any_model_work(generator, monkeypatc
     with pytest.raises(InputError) as err:
         generator.generate(GenerationRequest(**FAST | changes))
     assert needle in str(err.value)
+
+
+def test_prompt_limits_are_checked_before_tokenizing(generator, monkeypatch):
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the prompt was tokenized before it was checked")
+
+    monkeypatch.setattr(serving, "tokenize_prompt", no_tokenizing)
+    for text in ("あ" * (serving.MAX_PROMPT_CHARS + 1), "猫\x7f"):
+        with pytest.raises(InputError, match="`prompt`"):
+            generator.generate(GenerationRequest(**FAST, prompt=text))
+    # At the limit, with tab and newline, the prompt is accepted.
+    GenerationRequest(**FAST, prompt="あ\tい\n" * (serving.MAX_PROMPT_CHARS // 4)).validate()
+
+
+def test_xmp_metadata_drops_characters_xml_cannot_hold(tmp_path):
+    meta = {"prompt": "猫\x01\x0b犬\ud800\r\n\t「」", "seed": "1"}
+    for suffix in (".webp", ".jpg"):
+        path = serving.save_image(Image.new("RGB", (8, 8)), tmp_path / f"x{suffix}", metadata=meta)
+        assert serving.read_metadata(path) == {"prompt": "猫犬\r\n\t「」", "seed": "1"}
 
 
 def test_unreadable_image_and_mask_files_name_the_input(tmp_path):
@@ -231,6 +255,16 @@ def test_saved_files_carry_prompt_seed_steps_scheduler_guidance_and_revision(gen
     assert meta["model_revision"] == "tiny-seed0"
 
 
+def test_webp_metadata_round_trips_japanese_newlines_and_quotes(generator, tmp_path):
+    prompt = "夜の東京、\"雨\" と '傘'\n浮世絵\t（油絵：1.2） & <b>"
+    negative = 'ぼやけた\n低品質 "文字"'
+    request = GenerationRequest(**FAST, prompt=prompt, negative_prompt=negative, seed=8, output_format="webp")
+    (path,) = generator.generate(request).save(tmp_path)
+
+    meta = serving.read_metadata(path)
+    assert meta["prompt"] == prompt and meta["negative_prompt"] == negative
+
+
 # ---- predict.py itself, as Cog calls it (setup once, then run) ----------------------------------------
 
 
@@ -251,6 +285,31 @@ def test_predictor_setup_and_run_write_image_files(tiny_checkpoint, monkeypatch)
     assert [p.suffix for p in paths] == [".png", ".png"]
     assert [serving.read_metadata(p)["seed"] for p in paths] == ["21", "22"]
     assert Image.open(paths[1]).size == (128, 128)
+
+
+def test_each_run_leaves_only_its_own_files(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+
+    first = predictor.run(**FAST, **_run_defaults(), num_outputs=2, seed=1, output_format="png")
+    second = predictor.run(**FAST, **_run_defaults(), num_outputs=1, seed=2, output_format="webp")
+
+    assert not any(p.exists() for p in first)  # removed when the next prediction started
+    assert sorted(second[0].parent.iterdir()) == second
+    assert first[0].parent == second[0].parent  # one folder for the server's lifetime, not one per prediction
+    assert serving.read_metadata(second[0])["seed"] == "2"
+
+
+def test_predictor_schema_limits_the_prompt_length(monkeypatch):
+    from cog import _inspector
+
+    monkeypatch.chdir(REPO)
+    info = _inspector.create_predictor("predict", "Predictor")  # what the schema (and coglet's 422s) come from
+
+    for name in ("prompt", "negative_prompt"):
+        assert info.inputs[name].max_length == serving.MAX_PROMPT_CHARS
+        assert f"at most {serving.MAX_PROMPT_CHARS:,} characters" in info.inputs[name].description
 
 
 def test_predictor_setup_fails_on_a_damaged_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
