@@ -58,7 +58,7 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(
             description=f"What to draw, in Japanese (at most {serving.MAX_PROMPT_CHARS:,} characters; no control "
-            "characters other than tab and newline).",
+            "characters other than tab, newline and carriage return).",
             max_length=serving.MAX_PROMPT_CHARS,
             default=serving.DEFAULT_PROMPT,
         ),

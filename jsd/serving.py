@@ -12,7 +12,7 @@ What a user can rely on:
 - every input is checked by :meth:`GenerationRequest.validate` before any model work, and a bad one
   raises :class:`InputError` naming the input, the value and what is allowed;
 - ``prompt`` and ``negative_prompt`` hold at most :data:`MAX_PROMPT_CHARS` characters and no control
-  characters other than tab and newline (they are embedded in every output file's metadata);
+  characters other than tab, newline and carriage return (they are embedded in every output file's metadata);
 - image ``i`` of a request uses its own generator seeded ``seed + i``, so it can be reproduced alone
   with ``num_outputs=1`` and ``seed=seed + i``;
 - a new scheduler is built for every call, so no sampler state leaks from one request into the next;
@@ -59,9 +59,10 @@ MAX_GUIDANCE = 20.0
 # weight syntax and spaces while keeping tokenizing (twice: here and in the pipeline), logging and embedding
 # the prompt in every output file cheap; a longer prompt would only be truncated anyway.
 MAX_PROMPT_CHARS = 2000
-# Control characters (C0, DEL, C1) other than tab and newline, and unpaired surrogates: they break the XMP
-# metadata of WebP/JPEG outputs (XML 1.0 forbids most of them) or cannot be written as UTF-8 at all.
-_FORBIDDEN_TEXT_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# Control characters (C0, DEL, C1) other than tab, newline and carriage return (Windows line ends), and
+# unpaired surrogates: they break the XMP metadata of WebP/JPEG outputs (XML 1.0 forbids most of them)
+# or cannot be written as UTF-8 at all.
+_FORBIDDEN_TEXT_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # not \t \n \r
 # What XML 1.0 does not allow in a document; dropped from the XMP packet whatever its source.
 _NOT_XML_CHARS = re.compile(r"[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 MAX_SEED = 2**63 - 1  # a random seed is 63 bits; seed + 3 still fits torch's 64-bit generator
@@ -434,7 +435,10 @@ def _check_text(name: str, value: object) -> None:
         if 0xD800 <= code <= 0xDFFF:
             kind, allowed = "an unpaired surrogate", "text must be valid Unicode"
         else:
-            kind, allowed = "the control character", "the only control characters allowed are tab and newline"
+            kind, allowed = (
+                "the control character",
+                "the only control characters allowed are tab, newline and carriage return",
+            )
         raise InputError(f"`{name}` contains {kind} U+{code:04X} at position {bad.start()}; {allowed}: remove it.")
 
 

@@ -142,7 +142,7 @@ def test_disable_safety_checker_returns_flagged_images_for_that_request_only(gen
         ({"prompt": "あ" * 2001}, "`prompt` has 2,001 characters; at most 2,000 are allowed"),
         ({"negative_prompt": "x" * 10**6}, "`negative_prompt` has 1,000,000 characters; at most 2,000"),
         ({"prompt": "猫\x01犬"}, "`prompt` contains the control character U+0001 at position 1"),
-        ({"negative_prompt": "a\r\nb"}, "`negative_prompt` contains the control character U+000D at position 1"),
+        ({"negative_prompt": "a\x0cb"}, "`negative_prompt` contains the control character U+000C at position 1"),
         ({"prompt": "猫\ud800"}, "`prompt` contains an unpaired surrogate U+D800 at position 1"),
         ({"prompt_strength": -0.1}, "`prompt_strength` must be between 0.0 and 1.0, got -0.1"),
         ({"output_format": "gif"}, "`output_format` must be one of webp, png, jpg; got 'gif'"),
