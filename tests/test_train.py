@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,15 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def served(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights as the served layout holds them: floating point in fp16 (the tiny checkpoint is fp32)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def dtypes(folder: Path, component: str) -> set[torch.dtype]:
+    return {t.dtype for t in weights(folder, component).values() if t.is_floating_point()}
+
+
 @pytest.fixture
 def fresh_accelerate():
     """accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
@@ -137,9 +147,17 @@ def test_stage1_trains_only_the_text_encoder(tmp_path, tiny_checkpoint, fresh_ac
     output = run_in_process(tmp_path, tiny_checkpoint, *args, "--train_data_dir", str(data), "--max_train_steps", "2")
     # trained for v-prediction: the served scheduler must sample with it
     assert json.loads((output / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
-    assert not same(weights(output, "text_encoder"), weights(tiny_checkpoint, "text_encoder"))
-    assert same(weights(output, "unet"), weights(tiny_checkpoint, "unet"))
-    assert same(weights(output, "vae"), weights(tiny_checkpoint, "vae"))
+    assert not same(weights(output, "text_encoder"), served(weights(tiny_checkpoint, "text_encoder")))
+    assert same(weights(output, "unet"), served(weights(tiny_checkpoint, "unet")))
+    assert same(weights(output, "vae"), served(weights(tiny_checkpoint, "vae")))
+    assert all(dtypes(output, c) == {torch.float16} for c in ("text_encoder", "unet", "vae", "safety_checker"))
+
+    # stage 2 starts from this fp16 output and still trains (and keeps its frozen VAE) in fp32
+    from jsd.training.models import load_training_components
+
+    stage2 = parse_config(["--pretrained_model_name_or_path", str(output), "--train_data_dir", "unused"])
+    components = load_training_components(output, stage2)
+    assert {p.dtype for c in ("text_encoder", "unet", "vae") for p in components[c].parameters()} == {torch.float32}
 
 
 def test_stage1_from_scratch_reinitialises_the_text_encoder(tiny_checkpoint):
@@ -208,10 +226,10 @@ class _ListHandler(logging.Handler):
 
 def test_stage2_trains_text_encoder_and_unet_never_the_vae(stage2_run, tiny_checkpoint):
     output, _ = stage2_run
-    assert not same(weights(output, "text_encoder"), weights(tiny_checkpoint, "text_encoder"))
-    assert not same(weights(output, "unet"), weights(tiny_checkpoint, "unet"))
-    assert same(weights(output, "vae"), weights(tiny_checkpoint, "vae"))
-    assert same(weights(output, "safety_checker"), weights(tiny_checkpoint, "safety_checker"))
+    assert not same(weights(output, "text_encoder"), served(weights(tiny_checkpoint, "text_encoder")))
+    assert not same(weights(output, "unet"), served(weights(tiny_checkpoint, "unet")))
+    assert same(weights(output, "vae"), served(weights(tiny_checkpoint, "vae")))
+    assert same(weights(output, "safety_checker"), served(weights(tiny_checkpoint, "safety_checker")))
 
 
 def test_resuming_with_other_settings_is_refused(stage2_run, tiny_checkpoint, fresh_accelerate):
@@ -220,6 +238,32 @@ def test_resuming_with_other_settings_is_refused(stage2_run, tiny_checkpoint, fr
     args += ["--project_dir", str(output.parent / "out-run"), "--resume_from_checkpoint", "latest"]
     with pytest.raises(ValueError, match=r"checkpoint-3 belongs to a different run \(`--stage` 2 -> 1\)"):
         run_in_process(output.parent / "other", tiny_checkpoint, *args)
+
+
+def test_resuming_with_another_tokenizer_is_refused(stage2_run, tiny_checkpoint, fresh_accelerate):
+    output, _ = stage2_run
+    tokenizer = tiny_checkpoint / "tokenizer"  # the same vocabulary size: only the resume check can refuse it
+    args = ["--train_data_dir", str(output.parent / "data"), "--max_train_steps", "4", "--tokenizer_name"]
+    args += [str(tokenizer), "--project_dir", str(output.parent / "out-run"), "--resume_from_checkpoint", "latest"]
+    expected = rf"checkpoint-3 belongs to a different run \(`--tokenizer_name` None -> {re.escape(str(tokenizer))}\)"
+    with pytest.raises(ValueError, match=expected):
+        run_in_process(output.parent / "other", tiny_checkpoint, *args)
+
+
+def test_a_new_run_refuses_a_project_dir_holding_checkpoints(stage2_run, tiny_checkpoint, fresh_accelerate):
+    """Else it would prune the old run's checkpoints with its own, and `latest` would later resume the old run."""
+    output, _ = stage2_run
+    run_dir = output.parent / "out-run"
+    before = sorted(p.name for p in run_dir.iterdir())
+    args = ["--train_data_dir", str(output.parent / "data"), "--max_train_steps", "1", "--checkpoints_total_limit", "1"]
+    expected = (
+        rf"`--project_dir` {re.escape(str(run_dir))} already holds checkpoints of an earlier run "
+        r"\(checkpoint-2, checkpoint-3\): pass `--resume_from_checkpoint latest` to continue it, "
+        r"or choose another `--project_dir`"
+    )
+    with pytest.raises(ValueError, match=expected):
+        run_in_process(output.parent, tiny_checkpoint, *args)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
 def test_bad_records_are_skipped_and_counted(stage2_run):
@@ -242,7 +286,8 @@ def test_output_serves(stage2_run):
     output, log = stage2_run
     verify_manifest(output)
     assert f"JSD_WEIGHTS={output}" in log
-    pipe = JapaneseStableDiffusionPipeline.from_pretrained(output, use_safetensors=True)
+    # the weights are fp16, as served on a GPU; this CPU test computes in fp32
+    pipe = JapaneseStableDiffusionPipeline.from_pretrained(output, torch_dtype=torch.float32, use_safetensors=True)
     image = pipe(
         "海辺の夕日", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
     ).images[0]
@@ -262,6 +307,54 @@ def test_the_predictor_loads_the_output(stage2_run, monkeypatch):
     assert predictor.generator.model_revision == "stage2-step3"
 
 
+def test_export_is_fp16_keeps_the_trained_module_and_replaces_the_folder_whole(
+    tmp_path, tiny_checkpoint, monkeypatch, fresh_accelerate
+):
+    from accelerate import PartialState
+
+    from jsd.loading import load_components
+    from jsd.training import trainer
+
+    PartialState()  # the trainer logs through accelerate's logger
+    components = load_components(tiny_checkpoint, torch_dtype=torch.float32, load_safety_checker=False)
+    unet = components["unet"]
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.add_(1e-2)  # "trained"
+    trained = {k: v.clone() for k, v in unet.state_dict().items()}
+
+    def export() -> Path:
+        return trainer.export_served(
+            tiny_checkpoint, tmp_path / "served", {"unet": unet}, components["tokenizer"], source="t", revision="r"
+        )
+
+    output = export()
+    verify_manifest(output)
+    assert unet.dtype == torch.float32 and same(unet.state_dict(), trained)  # the training copy is untouched
+    assert same(weights(output, "unet"), served(trained))
+    assert same(weights(output, "vae"), served(weights(tiny_checkpoint, "vae")))
+    assert all(dtypes(output, c) == {torch.float16} for c in ("text_encoder", "unet", "vae", "safety_checker"))
+
+    # an export cut short leaves the previous folder whole, and its leftover where scripts/push.sh looks
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "write_manifest", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            export()
+    assert (tmp_path / ".served.staging").is_dir()
+    verify_manifest(output)
+    export()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = 1e6  # beyond fp16's range
+    with pytest.raises(FloatingPointError, match=r"served was not written: unet weight conv_in.weight .* not finite"):
+        export()
+    verify_manifest(output)
+
+
 def test_every_bad_record_kind_is_counted(tmp_path):
     """One pass over the folder meets each bad record once and says why it was skipped."""
     source = ImageFolderSource(image_folder(tmp_path / "data", bad=True))
@@ -274,6 +367,48 @@ def test_every_bad_record_kind_is_counted(tmp_path):
     assert any(r.startswith("invalid metadata line") for r in reasons)
     assert sorted(s["text"] for s in got[:8]) == sorted(CAPTIONS)
     assert all(s["pixel_values"].shape == (3, 64, 64) and s["pixel_values"].abs().max() <= 1 for s in got)
+
+
+def test_odd_metadata_and_unreadable_files_are_bad_records(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "data")
+    (root / "locked.png").write_bytes(png_bytes(50))
+    with open(root / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"file_name": 7, "text": "数字の名前"}, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"file_name": "locked.png", "text": "読めない画像"}, ensure_ascii=False) + "\n")
+    read_bytes = Path.read_bytes
+
+    def locked(path: Path) -> bytes:  # as root, chmod 000 would not stop the read
+        if path.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", locked)
+    stream = RecordStream(
+        ImageFolderSource(root), resolution=64, random_flip=False, seed=0, rank=0, world_size=1, num_workers=0
+    )
+    samples = iter(stream)
+    got = [next(samples) for _ in range(9)]  # the 8 good records of epoch 0, and the first of epoch 1
+    reasons = [reason for s in got for _, reason in s["bad"]]
+    assert "unreadable image file (PermissionError)" in reasons
+    assert any(r.startswith("invalid metadata line (`file_name` 7 is not a string)") for r in reasons)
+    assert len(set(reasons)) == 2 and sorted(s["text"] for s in got[:8]) == sorted(CAPTIONS)
+
+
+def test_shard_json_that_is_not_an_object_is_a_bad_record(tmp_path):
+    shard = tmp_path / "shard.tar"
+    members = {"a.json": b'["a list"]', "b.json": b"\xff not utf-8", "c.json": '{"text": "猫"}'.encode()}
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            for member, payload in ((name.replace(".json", ".png"), png_bytes(0)), (name, data)):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    fetches = dict(TarShardSource([str(shard)]).records(0, 0, 0))
+    with pytest.raises(BadRecord, match=r"invalid json \(a list, not an object\)"):
+        fetches[f"{shard}:a"]()
+    with pytest.raises(BadRecord, match="invalid json"):
+        fetches[f"{shard}:b"]()
+    assert fetches[f"{shard}:c"]()[1] == "猫"
 
 
 # ------------------------------------------------------------------------------------------ data stream
@@ -330,7 +465,7 @@ def test_webdataset_shards_train_and_bad_records_are_counted(tmp_path, tiny_chec
 
     output = run_in_process(tmp_path, tiny_checkpoint, "--train_shards", pattern, "--max_train_steps", "2")
     verify_manifest(output)
-    assert not same(weights(output, "unet"), weights(tiny_checkpoint, "unet"))
+    assert not same(weights(output, "unet"), served(weights(tiny_checkpoint, "unet")))
 
 
 def test_bad_settings_are_rejected_with_the_flag_named(tmp_path, tiny_checkpoint):
@@ -390,6 +525,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_checkpoint):
     assert "Resumed from" in resumed.stderr
     for component in ("text_encoder", "unet"):
         assert same(weights(output, component), weights(reference, component)), component
+    # the fp32 training state too (the served layout is an fp16 cast of it)
+    final_states = sorted((tmp_path / "reference" / "out-run" / "checkpoint-6").glob("*.safetensors"))
+    assert final_states
+    for state in final_states:
+        assert same(load_file(tmp_path / "killed-run" / "checkpoint-6" / state.name), load_file(state)), state.name
     verify_manifest(output)
 
 

@@ -132,12 +132,20 @@ class ImageFolderSource:
         except (json.JSONDecodeError, KeyError, TypeError):
             yield f"{METADATA_FILE} line {i + 1}", _raise(BadRecord(f"invalid metadata line {line[:80]!r}"))
             return
+        if not isinstance(name, str):
+            reason = f"invalid metadata line (`file_name` {name!r} is not a string) {line[:80]!r}"
+            yield f"{METADATA_FILE} line {i + 1}", _raise(BadRecord(reason))
+            return
 
         def fetch() -> tuple[bytes, object]:
             path = self.folder / name
             if not path.is_file():
                 raise BadRecord("missing image file")
-            return path.read_bytes(), entry.get(self.caption_column)
+            try:
+                data = path.read_bytes()
+            except OSError as err:  # permissions, I/O errors, a file gone since is_file()
+                raise BadRecord(f"unreadable image file ({type(err).__name__})") from err
+            return data, entry.get(self.caption_column)
 
         yield str(name), fetch
 
@@ -202,8 +210,10 @@ class TarShardSource:
             if "json" in files:
                 try:
                     meta = json.loads(files["json"])
-                except json.JSONDecodeError as err:
+                except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
                     raise BadRecord(f"invalid json ({err})") from err
+                if not isinstance(meta, dict):
+                    raise BadRecord(f"invalid json (a {type(meta).__name__}, not an object)")
                 return image, meta.get(self.caption_column, meta.get("caption"))
             raise BadRecord("no caption (.txt or .json)")
 

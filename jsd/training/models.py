@@ -17,7 +17,11 @@ FROZEN_OR_TRAINED = ("text_encoder", "unet", "vae")
 
 
 def load_training_components(folder: Path, config: TrainConfig) -> dict:
-    """Tokenizer, text encoder, UNet, VAE (fp32) and the DDPM noise scheduler of the checkpoint's config."""
+    """Tokenizer, text encoder, UNet, VAE and the DDPM noise scheduler of the checkpoint's config.
+
+    The models are loaded in fp32, also from an fp16 served folder (e.g. stage 2 from a stage-1 output):
+    training and its frozen parts start from fp32 (``freeze_for_stage`` casts the frozen ones).
+    """
     components = load_components(folder, torch_dtype=torch.float32, load_safety_checker=False)
     tokenizer = components["tokenizer"]
     if config.tokenizer_name:

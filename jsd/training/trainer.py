@@ -7,6 +7,7 @@ exactly, and ends with the served layout (safetensors + manifest) in ``output_di
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from jsd.convert import SERVED_DTYPE, ConversionError, _check_finite
 from jsd.loading import load_components, resolve_checkpoint
 from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
@@ -33,8 +35,8 @@ from jsd.training.models import freeze_for_stage, load_training_components
 from jsd.training.step import diffusion_loss, drop_captions, tokenize
 
 logger = get_logger(__name__)
-# Settings that decide what the data stream and the loss draw: a resumed run must keep them.
-# (The data paths may change, e.g. on another machine; the data behind them must not.)
+# Settings that decide what the data stream, the loss and the trained model are: a resumed run must
+# keep them. (The data paths may change, e.g. on another machine; the data behind them must not.)
 RESUME_MUST_MATCH = (
     "stage",
     "seed",
@@ -42,6 +44,9 @@ RESUME_MUST_MATCH = (
     "gradient_accumulation_steps",
     "dataloader_num_workers",
     "resolution",
+    "tokenizer_name",
+    "text_encoder_init",
+    "mixed_precision",
 )
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,10 +65,10 @@ class RunState:
         for key, reason in batch["bad"]:
             self.bad.add(key, reason)
 
-    def state_dict(self, num_processes: int, config: TrainConfig) -> dict:
+    def state_dict(self, num_processes: int, settings: dict[str, str]) -> dict:
         return {
             "num_processes": num_processes,
-            "config": {key: str(getattr(config, key)) for key in RESUME_MUST_MATCH},
+            "config": settings,
             "generator": self.generator.get_state(),
             "positions": {k: [p.epoch, p.shard, p.record] for k, p in self.positions.items()},
             "bad": self.bad.state_dict(),
@@ -76,10 +81,18 @@ class RunState:
         self.bad.load_state_dict(state["bad"])
 
 
+def run_settings(config: TrainConfig, accelerator: Accelerator) -> dict[str, str]:
+    """The :data:`RESUME_MUST_MATCH` settings, as saved in checkpoints; mixed precision as accelerate resolved it."""
+    settings = {key: str(getattr(config, key)) for key in RESUME_MUST_MATCH}
+    settings["mixed_precision"] = accelerator.mixed_precision  # the flag may be left to accelerate's config
+    return settings
+
+
 def train(config: TrainConfig) -> Path:
     """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process)."""
     accelerator = make_accelerator(config)
     log_setup(accelerator, config)
+    refuse_to_mix_runs(config)
     source = make_source(  # before loading models: a wrong data path fails at once
         train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
     )
@@ -216,6 +229,19 @@ def make_emas(accelerator: Accelerator, trained: dict, config: TrainConfig) -> d
     return emas
 
 
+def refuse_to_mix_runs(config: TrainConfig) -> None:
+    """A new run in a folder holding another run's checkpoints would prune them, and ``latest`` would mix the two."""
+    if config.resume_from_checkpoint is not None:
+        return
+    checkpoints = checkpointing.list_checkpoints(config.run_dir)
+    if checkpoints:
+        raise ValueError(
+            f"`--project_dir` {config.run_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in checkpoints)}): pass `--resume_from_checkpoint latest` to continue it, "
+            "or choose another `--project_dir`."
+        )
+
+
 def resume(accelerator: Accelerator, config: TrainConfig, state: RunState, stream: RecordStream) -> None:
     checkpoint = checkpointing.resolve_resume(config.resume_from_checkpoint, config.run_dir)
     if checkpoint is None:
@@ -223,17 +249,17 @@ def resume(accelerator: Accelerator, config: TrainConfig, state: RunState, strea
             logger.info("No checkpoint in %s yet: starting a new run.", config.run_dir)
         return
     rank_state = checkpointing.load_rank_state(checkpoint, accelerator.process_index, accelerator.num_processes)
-    check_same_run(rank_state["config"], config, checkpoint)
+    check_same_run(rank_state["config"], run_settings(config, accelerator), checkpoint)
     accelerator.load_state(str(checkpoint))
     state.load_state_dict(rank_state, checkpointing.checkpoint_step(checkpoint))
     stream.resume(state.positions, batches_done=state.step * config.gradient_accumulation_steps)
     logger.info("Resumed from %s at step %d (%s so far)", checkpoint, state.step, state.bad.summary())
 
 
-def check_same_run(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
-    """A checkpoint resumes only the run that wrote it: same stage, seed and batch layout."""
-    now = {key: str(getattr(config, key)) for key in saved}
-    changed = [f"`--{key}` {saved[key]} -> {now[key]}" for key in saved if saved[key] != now[key]]
+def check_same_run(saved: dict[str, str], now: dict[str, str], checkpoint: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same stage, seed, batch layout, tokenizer, precision."""
+    # a checkpoint written before a setting was added to RESUME_MUST_MATCH lacks it: nothing to compare
+    changed = [f"`--{key}` {saved[key]} -> {now[key]}" for key in saved if key in now and saved[key] != now[key]]
     if changed:
         raise ValueError(
             f"{checkpoint} belongs to a different run ({'; '.join(changed)}): resume with the settings it was "
@@ -294,7 +320,7 @@ def save(accelerator: Accelerator, config: TrainConfig, state: RunState) -> None
         accelerator,
         config.run_dir,
         state.step,
-        state.state_dict(accelerator.num_processes, config),
+        state.state_dict(accelerator.num_processes, run_settings(config, accelerator)),
         total_limit=config.checkpoints_total_limit,
     )
     logger.info("Saved %s", path)
@@ -326,6 +352,14 @@ def full_modules(accelerator: Accelerator, trained: dict) -> dict[str, torch.nn.
     return full
 
 
+def served_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a trained module in the served dtype, on the CPU, in eval mode; the module itself is left as is."""
+    # The copy may briefly sit on the GPU: in the memory the gradients (freed by zero_grad) held in training.
+    # torch's own cast: diffusers' ModelMixin.to warns about fp32-kept modules even when there are none
+    # (none of the trained classes keeps any, see jsd.convert).
+    return torch.nn.Module.to(copy.deepcopy(module), "cpu", SERVED_DTYPE).eval()
+
+
 def export_served(
     source_folder: Path,
     output_dir: Path,
@@ -336,17 +370,27 @@ def export_served(
     revision: str,
     prediction_type: str | None = None,
 ) -> Path:
-    """Write the served layout (safetensors + manifest) atomically: a complete folder or none.
+    """Write the served layout (fp16 safetensors + manifest) atomically: a complete folder or none.
 
+    Everything is saved in :data:`jsd.convert.SERVED_DTYPE`, like a downloaded checkpoint: the
+    trained modules as cast copies (they keep their own dtype), the others loaded from
+    ``source_folder`` in it. Every weight is checked to be finite after the cast.
     ``prediction_type`` (when training overrode it) goes into the saved scheduler config, or the
     served model would sample with the wrong target.
     """
-    components = load_components(source_folder, load_safety_checker=True)
+    components = load_components(source_folder, torch_dtype=SERVED_DTYPE, load_safety_checker=True)
     if prediction_type:
         scheduler = components["scheduler"]
         components["scheduler"] = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-    components |= {name: module.eval() for name, module in trained.items()}
+    components |= {name: served_copy(module) for name, module in trained.items()}
     components["tokenizer"] = tokenizer
+    for name, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            origin = f"the trained {name}" if name in trained else source_folder / name
+            try:
+                _check_finite(name, [origin], module)
+            except ConversionError as err:
+                raise FloatingPointError(f"{output_dir} was not written: {err}") from err
     pipe = JapaneseStableDiffusionPipeline(
         **components, requires_safety_checker=components["safety_checker"] is not None
     )
