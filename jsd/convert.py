@@ -72,6 +72,8 @@ REQUIRED = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 ORDER = ("tokenizer", "scheduler", "feature_extractor", "text_encoder", "vae", "safety_checker", "unet")
 # transformers stopped saving CLIP's position_ids buffer; it is recomputed, so dropping it loses nothing.
 IGNORED_UNEXPECTED_SUFFIXES = ("position_ids",)
+# In .<dest>.staging: what is being converted there (source, revision, dtype); a rerun for the same resumes.
+STAMP_FILE = ".stamp.json"
 
 
 class ConversionError(RuntimeError):
@@ -155,16 +157,36 @@ def local_files(folder: Path) -> list[str]:
 
 
 def local_revision(folder: Path) -> str:
-    """The git commit of a cloned model repo, the snapshot name of a hub cache folder, else ``"local"``."""
-    if folder.resolve().parent.name == "snapshots":
-        return folder.resolve().name
+    """The revision of a local checkpoint folder, for the manifest.
+
+    In order: the snapshot name of a hub cache folder; the revision in the folder's own
+    ``manifest.json`` (a served folder or a training export); the commit of a git clone whose root
+    is ``folder`` itself; else ``"local"``. A folder merely *inside* a git repo (``out/stage2`` in
+    this project) is not a clone of the weights: that repo's commit says nothing about them.
+    """
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots":
+        return folder.name
+    try:
+        revision = read_manifest(folder).get("revision")
+    except WeightsVerificationError:  # none, or not a manifest
+        revision = None
+    if isinstance(revision, str) and revision.strip():
+        return revision
     try:
         out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "-C", str(folder), "rev-parse", "--show-toplevel", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return "local"
-    return out.stdout.strip() or "local"
+    lines = out.stdout.splitlines()
+    if len(lines) == 2 and Path(lines[0]).resolve() == folder and lines[1].strip():
+        return lines[1].strip()
+    return "local"
 
 
 # --------------------------------------------------------------------------- safe unpickling
@@ -363,21 +385,33 @@ def convert_checkpoint(
         report.converted.append(comp)
     _write_model_index(staging)
     for hidden in staging.glob(".*"):
-        shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
+        if hidden.name != STAMP_FILE:  # kept until the swap: a rerun after a kill before it resumes
+            shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
     write_manifest(staging, source=source, revision=revision)
     swap_into_place(staging, dest)
+    (dest / STAMP_FILE).unlink(missing_ok=True)
     return report
 
 
 def _staging(dest: Path, stamp: dict) -> Path:
     """``.<dest>.staging`` beside ``dest`` (same filesystem: renames are atomic), reset if for another source."""
     staging = dest.parent / f".{dest.name}.staging"
-    stamp_file = staging / ".stamp.json"
-    if staging.exists() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
+    stamp_file = staging / STAMP_FILE
+    if staging.exists() and _read_stamp(stamp_file) != stamp:
         shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    stamp_file.write_text(json.dumps(stamp))
+    tmp = staging / f"{STAMP_FILE}.tmp"
+    tmp.write_text(json.dumps(stamp))
+    tmp.replace(stamp_file)  # never half a stamp
     return staging
+
+
+def _read_stamp(stamp_file: Path) -> dict | None:
+    """The stamp of a staging folder; ``None`` when missing or unreadable (then it is started over)."""
+    try:
+        return json.loads(stamp_file.read_text())
+    except (OSError, ValueError):  # ValueError: truncated JSON, or not UTF-8
+        return None
 
 
 def describe(dest: str | Path) -> str:

@@ -148,6 +148,11 @@ def _check_shape(manifest: object, path: Path) -> None:
         raise WeightsVerificationError(
             f"{path} has format {manifest.get('format')!r}; this version of jsd reads format {FORMAT_VERSION}."
         )
+    block_size = manifest.get("block_size", BLOCK_SIZE)  # optional, as verify_manifest reads it
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise WeightsVerificationError(
+            f"{path} has block_size {block_size!r}: expected a positive integer (the bytes per hashed block)."
+        )
     for name, entry in manifest["files"].items():
         relpath = PurePosixPath(name)
         if relpath.is_absolute() or ".." in relpath.parts or name in ("", "."):

@@ -23,6 +23,8 @@ from jsd.tokenizer_training import train_sentencepiece
 
 Size = Literal["tiny", "full"]
 TINY_VOCAB_SIZE = 2000
+# The start of the manifest `source` of every checkpoint made here: how scripts tell it from real weights.
+TINY_SOURCE_PREFIX = "jsd.tiny"
 # NSFW thresholds: cosine similarity minus threshold > 0 flags, and cosine is within [-1, 1].
 _THRESHOLDS = {"never": 2.0, "always": -2.0}
 
@@ -171,5 +173,7 @@ def make_checkpoint(
     if torch_dtype != torch.float32:
         pipe.to(dtype=torch_dtype)
     pipe.save_pretrained(dest, safe_serialization=True)
-    write_manifest(dest, source=f"jsd.tiny size={size} seed={seed} nsfw={nsfw}", revision=f"{size}-seed{seed}")
+    write_manifest(
+        dest, source=f"{TINY_SOURCE_PREFIX} size={size} seed={seed} nsfw={nsfw}", revision=f"{size}-seed{seed}"
+    )
     return dest

@@ -195,12 +195,16 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def write_schema(workdir: Path, predictor_ref: str = PREDICTOR_REF) -> Path:
-    """Write ``workdir/.cog/openapi_schema.json`` (atomically: other servers may be reading it)."""
+def write_schema(workdir: Path, predictor_ref: str = PREDICTOR_REF, *, schema: dict | None = None) -> Path:
+    """Write ``workdir/.cog/openapi_schema.json`` (atomically: other servers may be reading it).
+
+    ``schema``: one already built by :func:`openapi_schema` (which imports the predictor); built here if not given.
+    """
+    schema = schema if schema is not None else openapi_schema(predictor_ref)
     path = workdir / SCHEMA_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(openapi_schema(predictor_ref), indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(schema, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -242,6 +246,7 @@ def health(url: str) -> dict:
 def wait_for_setup(url: str, process: subprocess.Popen | None, timeout: float) -> dict:
     """Poll health until READY or SETUP_FAILED (returned), or raise if the server dies or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
+    state = {"status": "not polled"}  # a timeout <= 0 polls nothing
     while time.monotonic() < deadline:
         state = health(url)
         if state.get("status") in ("READY", "SETUP_FAILED"):
@@ -253,10 +258,15 @@ def wait_for_setup(url: str, process: subprocess.Popen | None, timeout: float) -
 
 
 @contextlib.contextmanager
-def running_server(weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None):
-    """Start coglet on 127.0.0.1 (schema written first); yields ``(url, process)``; always stops it."""
+def running_server(
+    weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None, schema: dict | None = None
+):
+    """Start coglet on 127.0.0.1 (schema written first); yields ``(url, process)``; always stops it.
+
+    ``schema``: the predictor's OpenAPI schema when the caller already built it (else built here).
+    """
     port = port or free_port()
-    write_schema(workdir)
+    write_schema(workdir, schema=schema)
     process = subprocess.Popen(
         server_command(),
         cwd=workdir,
@@ -398,11 +408,15 @@ def cmd_predict(args) -> int:
     if args.url:  # the server's own schema: no need to import the predictor here
         url = args.url.rstrip("/")
         return _predict_at(url, parse_inputs(args.input, fetch_schema(url)), args)
-    inputs = parse_inputs(args.input, openapi_schema())
+    schema = openapi_schema()  # built once: it imports the predictor, torch and diffusers
+    inputs = parse_inputs(args.input, schema)
     log_path = REPO / ".cog" / "coglet.log"
     log_path.parent.mkdir(exist_ok=True)
     print(f"Starting coglet (setup can take a minute; server log: {log_path})", file=sys.stderr)
-    with open(log_path, "wb") as log, running_server(args.weights, workdir=REPO, log=log) as (url, process):
+    with (
+        open(log_path, "wb") as log,
+        running_server(args.weights, workdir=REPO, log=log, schema=schema) as (url, process),
+    ):
         state = wait_for_setup(url, process, args.setup_timeout)
         if state["status"] != "READY":
             print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)

@@ -22,12 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "google_sp.model"
 PROMPT = "サラリーマン 油絵"
-TINY_SOURCE_PREFIX = "jsd.tiny"
 
 
 def weights_kind(folder: Path) -> str:
     """``"real"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files but no manifest)."""
     from jsd.manifest import MANIFEST_FILE, read_manifest
+    from jsd.tiny import TINY_SOURCE_PREFIX
 
     if not folder.is_dir() or not any(folder.iterdir()):
         return "missing"

@@ -22,7 +22,6 @@ from pathlib import Path
 
 DEFAULT_SOURCE = "rinna/japanese-stable-diffusion"
 DEFAULT_DEST = "weights"
-TINY_SOURCE_PREFIX = "jsd.tiny"  # what jsd.tiny.make_checkpoint records as the source
 GATED_HELP = """\
 The Hugging Face hub refused access to {repo} ({reason}).
 The weights are gated under the CreativeML OpenRAIL-M license. To get access:
@@ -53,6 +52,7 @@ def verify_only(folder: str, *, allow_tiny: bool) -> str:
     """Verify a served folder; refuses tiny test checkpoints (noise generators) unless ``allow_tiny``."""
     from jsd.convert import describe
     from jsd.manifest import WeightsVerificationError, verify_manifest
+    from jsd.tiny import TINY_SOURCE_PREFIX
 
     start = time.perf_counter()
     manifest = verify_manifest(folder)

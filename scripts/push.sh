@@ -7,7 +7,8 @@
 # The weights are baked into the image (no download at setup, nothing to fail at start-up):
 # `cog push --separate-weights` puts the large weights folders (weights/unet, vae, text_encoder,
 # safety_checker) in their own layer, so a code change pushes a small layer, not 2.6 GB again.
-# The folder checked is $JSD_WEIGHTS (default weights/), the one predict.py serves.
+# The folder checked is weights/, the one the image serves (cog.yaml sets no JSD_WEIGHTS and
+# .dockerignore lets only weights/ in): push.sh refuses a JSD_WEIGHTS that names another folder.
 #
 # Options:
 #   --dry-run      print each command instead of running it
@@ -42,7 +43,16 @@ fi
 
 cd "$(dirname "$0")/.."
 python="${PYTHON:-.venv/bin/python}"
-weights="${JSD_WEIGHTS:-weights}"
+weights="weights"
+case "${JSD_WEIGHTS:-weights}" in
+    weights | weights/ | ./weights | ./weights/ | "$PWD/weights" | "$PWD/weights/") ;;
+    *)
+        echo "error: JSD_WEIGHTS is '${JSD_WEIGHTS}', but the image serves weights/ only (cog.yaml sets no" \
+            "JSD_WEIGHTS and .dockerignore keeps every other folder out): put the checkpoint in weights/" \
+            "(scripts/download_weights.py --source DIR writes it there) and unset JSD_WEIGHTS" >&2
+        exit 2
+        ;;
+esac
 
 run() {
     if [ "$dry_run" = 1 ]; then
@@ -54,16 +64,17 @@ run() {
     fi
 }
 
-# 0. An interrupted conversion leaves these beside the weights; the image would carry them too.
-for leftover in "$(dirname "$weights")/.$(basename "$weights").staging" "$(dirname "$weights")/.$(basename "$weights").old"; do
+# 0. An interrupted conversion or export leaves these beside the weights: weights/ may then still be
+#    the previous checkpoint, or be missing.
+for leftover in ".$weights.staging" ".$weights.old"; do
     if [ -e "$leftover" ]; then
-        echo "error: $leftover is left from an interrupted scripts/download_weights.py run and would be" \
-            "pushed in the image: rerun the download to finish it, or delete it" >&2
+        echo "error: $leftover is left from an interrupted scripts/download_weights.py (or training export)" \
+            "run ($weights/ may be the previous checkpoint, or missing): rerun it to finish, or delete $leftover" >&2
         exit 1
     fi
 done
 # 1. The weights are present and match their manifest (and are not a tiny test checkpoint).
-run "$python" scripts/download_weights.py --verify-only "$weights" "${allow_tiny[@]}"
+run "$python" scripts/download_weights.py --verify-only "$weights" ${allow_tiny[@]+"${allow_tiny[@]}"}
 # 2. The test suite passes (lint included).
 if [ "$skip_tests" = 0 ]; then
     run make test

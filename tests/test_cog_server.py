@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 
@@ -228,3 +229,26 @@ def test_cog_local_predict_writes_the_outputs_and_fails_loudly(server, tmp_path,
     assert "`width` × `height` × `num_outputs`" in capsys.readouterr().err
     assert cog_local.main([*args, "-i", "guidance_scale=lots"]) == 1
     assert "guidance_scale" in capsys.readouterr().err
+
+
+def test_cog_local_predict_builds_the_schema_once_and_serves_that_one(tmp_path, monkeypatch):
+    # Building the schema imports the predictor (torch, diffusers): cog_local must not do it twice.
+    schema = {"components": {"schemas": {"Input": {"properties": {"prompt": {"type": "string"}}}}}}
+    built, sent = [], []
+    monkeypatch.setattr(cog_local, "REPO", tmp_path)
+    monkeypatch.setattr(cog_local, "openapi_schema", lambda *args: built.append(args) or schema)
+    monkeypatch.setattr(cog_local.subprocess, "Popen", lambda *args, **kwargs: object())
+    monkeypatch.setattr(cog_local, "stop_server", lambda process: None)
+    monkeypatch.setattr(cog_local, "wait_for_setup", lambda url, process, timeout: {"status": "READY"})
+    monkeypatch.setattr(cog_local, "_predict_at", lambda url, inputs, args: sent.append(inputs) or 0)
+
+    assert cog_local.main(["predict", "-i", "prompt=猫", "--weights", str(tmp_path / "weights")]) == 0
+    assert len(built) == 1 and sent == [{"prompt": "猫"}]
+    assert json.loads((tmp_path / ".cog" / "openapi_schema.json").read_text()) == schema
+
+
+def test_wait_for_setup_without_time_left_raises_a_timeout():
+    with pytest.raises(
+        TimeoutError, match=r"did not finish setup within 0 s \(last health: \{'status': 'not polled'\}\)"
+    ):
+        cog_local.wait_for_setup("http://127.0.0.1:9", None, 0)

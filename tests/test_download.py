@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,24 +154,41 @@ def fake_tools(tmp_path) -> tuple[dict, Path]:
         script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
         script.chmod(0o755)
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    env.pop("JSD_WEIGHTS", None)
     return env, log
 
 
-def _push(*args: str, env: dict) -> subprocess.CompletedProcess:
+@pytest.fixture
+def push_repo(tmp_path) -> Path:
+    """A project root holding only push.sh and the script it runs: its weights/ is the test's."""
+    root = tmp_path / "project"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("push.sh", "download_weights.py"):
+        shutil.copy2(REPO / "scripts" / name, root / "scripts" / name)
+    return root
+
+
+def _push(*args: str, env: dict, root: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", "scripts/push.sh", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        ["bash", str(root / "scripts" / "push.sh"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_push_dry_run_prints_the_three_commands_and_runs_none(fake_tools):
     env, log = fake_tools
-    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        f"{sys.executable} scripts/download_weights.py --verify-only weights",
-        "make test",
-        "cog push --separate-weights r8.im/alice/japanese-sd",
-    ]
+    for weights in (None, "weights", "weights/", f"{REPO}/weights"):
+        result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env | ({"JSD_WEIGHTS": weights} if weights else {}))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            f"{sys.executable} scripts/download_weights.py --verify-only weights",
+            "make test",
+            "cog push --separate-weights r8.im/alice/japanese-sd",
+        ]
     assert not log.exists()
 
 
@@ -180,24 +198,116 @@ def test_push_rejects_a_model_name_that_is_not_on_replicate(fake_tools):
     assert result.returncode == 2 and "r8.im/OWNER/MODEL" in result.stderr and "alice/japanese-sd" in result.stderr
 
 
-def test_push_refuses_the_leftovers_of_an_interrupted_conversion(fake_tools, tmp_path):
+@pytest.mark.parametrize("weights", ["out/stage2", "/tmp/weights", "weights-v2"])
+def test_push_refuses_a_jsd_weights_folder_the_image_does_not_serve(fake_tools, weights):
+    # The image serves weights/ (cog.yaml sets no JSD_WEIGHTS): verifying another folder proves nothing.
     env, log = fake_tools
-    (tmp_path / ".weights.staging" / "unet").mkdir(parents=True)
-    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env | {"JSD_WEIGHTS": str(tmp_path / "weights")})
-    assert result.returncode == 1 and f"{tmp_path}/.weights.staging is left from an interrupted" in result.stderr
+    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env | {"JSD_WEIGHTS": weights})
+    assert result.returncode == 2
+    assert f"JSD_WEIGHTS is '{weights}', but the image serves weights/ only" in result.stderr
     assert result.stdout == "" and not log.exists()
 
 
-def test_push_verifies_then_tests_then_pushes_and_stops_at_bad_weights(fake_tools, tiny_checkpoint, tmp_path):
+def test_push_refuses_the_leftovers_of_an_interrupted_conversion(fake_tools, push_repo):
     env, log = fake_tools
-    weights = shutil.copytree(tiny_checkpoint, tmp_path / "weights")
-    env = env | {"JSD_WEIGHTS": str(weights)}
-    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env)
+    (push_repo / ".weights.staging" / "unet").mkdir(parents=True)
+    result = _push("--dry-run", "r8.im/alice/japanese-sd", env=env, root=push_repo)
+    assert result.returncode == 1 and ".weights.staging is left from an interrupted" in result.stderr
+    assert result.stdout == "" and not log.exists()
+
+
+def test_push_verifies_then_tests_then_pushes_and_stops_at_bad_weights(fake_tools, tiny_checkpoint, push_repo):
+    env, log = fake_tools
+    weights = shutil.copytree(tiny_checkpoint, push_repo / "weights")
+    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env, root=push_repo)
     assert result.returncode == 0, result.stderr
     assert log.read_text().splitlines() == ["make test", "cog push --separate-weights r8.im/alice/japanese-sd"]
     log.unlink()
+    # Without --allow-tiny (an empty option list) a tiny checkpoint is refused.
+    result = _push("r8.im/alice/japanese-sd", env=env, root=push_repo)
+    assert result.returncode == 1 and "weights holds a tiny test checkpoint" in result.stderr
+    assert not log.exists()
     vae = weights / "vae" / "config.json"
     vae.write_text(json.dumps({"tampered": True}))
-    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env)
-    assert result.returncode == 1 and f"{vae} has" in result.stderr
+    result = _push("--allow-tiny", "r8.im/alice/japanese-sd", env=env, root=push_repo)
+    assert result.returncode == 1 and "weights/vae/config.json has" in result.stderr
     assert not log.exists()
+
+
+def test_push_expands_arrays_so_that_bash_3_2_accepts_an_empty_one():
+    # macOS' bash 3.2 with `set -u` aborts on "${empty[@]}"; ${a[@]+"${a[@]}"} expands to nothing instead.
+    script = (REPO / "scripts" / "push.sh").read_text()
+    assert not re.findall(r'(?<!\+)"\$\{\w+\[@\]\}"', script)
+
+
+# --------------------------------------------------------------------------- .dockerignore
+
+
+def _docker_pattern(pattern: str) -> re.Pattern:
+    """A .dockerignore pattern as Docker compiles it: `*` within one name, `**/` any folders (or none)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            i += 2 + pattern.startswith("/", i + 2)
+            out += ".*" if i >= len(pattern) else "(.*/)?"
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + "$")
+
+
+def _in_docker_context(path: str, dockerignore: str) -> bool:
+    """Whether Docker sends ``path``: the last rule matching it or one of its parent folders decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    sent = True
+    for line in dockerignore.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keep = line.startswith("!")
+        rule = _docker_pattern(line.removeprefix("!").strip("/"))
+        if any(rule.match(c) for c in candidates):
+            sent = keep
+    return sent
+
+
+def test_dockerignore_lets_in_only_what_the_image_serves():
+    dockerignore = (REPO / ".dockerignore").read_text()
+    sent = [
+        "predict.py",
+        "cog.yaml",
+        "requirements.txt",
+        "jsd/serving.py",
+        "jsd/training/trainer.py",
+        "jsd/data/corpus_ja.txt",
+        "weights/manifest.json",
+        "weights/unet/diffusion_pytorch_model.safetensors",
+        ".cog/openapi_schema.json",
+        ".cog/tmp/build20260101/cog-0.16.0-py3-none-any.whl",
+    ]
+    kept_out = [
+        "tests/test_predict.py",
+        "scripts/train.py",
+        "README.md",
+        "out/stage2/checkpoint-500/optimizer.bin",
+        "runs/stage1/checkpoint-1000/model.safetensors",
+        "data/train/00001.jpg",
+        "outputs/out-0.webp",
+        "my-finetune/unet/diffusion_pytorch_model.safetensors",
+        ".weights.staging/unet/diffusion_pytorch_model.safetensors",
+        ".weights.old/manifest.json",
+        "weights.partial/unet/diffusion_pytorch_model.safetensors",
+        "weights/.stamp.json",
+        "jsd/__pycache__/serving.cpython-311.pyc",
+        "jsd/training/__pycache__/trainer.cpython-311.pyc",
+        ".cog/coglet.log",
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".env",
+    ]
+    assert [p for p in sent if not _in_docker_context(p, dockerignore)] == []
+    assert [p for p in kept_out if _in_docker_context(p, dockerignore)] == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -150,6 +151,64 @@ def test_an_interrupted_conversion_resumes_and_a_complete_one_is_a_no_op(tmp_pat
     assert not list(tmp_path.glob(".weights.*"))
 
 
+def test_a_truncated_stamp_starts_the_staging_over(tmp_path, old_checkpoint):
+    # A kill while the stamp was written leaves half of it: the rerun must not fail on it forever.
+    staging = tmp_path / ".weights.staging"
+    (staging / "unet").mkdir(parents=True)
+    (staging / "unet" / "config.json").write_text("{}")  # of an unknown conversion: not reused
+    (staging / ".stamp.json").write_text('{"source": "hub", "revis')
+    report = convert_checkpoint(old_checkpoint, tmp_path / "weights", source="hub", revision="r")
+    assert "unet" in report.converted and report.skipped == []
+    verify_manifest(tmp_path / "weights")
+    assert not list(tmp_path.glob(".weights.*"))
+
+
+def test_a_kill_between_the_manifest_and_the_swap_resumes_without_converting_again(
+    tmp_path, monkeypatch, old_checkpoint
+):
+    real = convert.write_manifest
+
+    def killed_after_writing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "write_manifest", killed_after_writing)
+    dest = tmp_path / "weights"
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(old_checkpoint, dest, source="hub", revision="r")
+    monkeypatch.setattr(convert, "write_manifest", real)
+    report = convert_checkpoint(old_checkpoint, dest, source="hub", revision="r")
+    assert report.converted == [] and set(MODELS) <= set(report.skipped)
+    assert verify_manifest(dest)["revision"] == "r"
+    assert not (dest / ".stamp.json").exists() and not list(tmp_path.glob(".weights.*"))
+
+
+def _git(*args: str, cwd) -> str:
+    command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_local_revision_is_a_clone_s_commit_never_the_commit_of_a_repo_around_the_folder(tmp_path):
+    project = tmp_path / "project"
+    stage2 = project / "out" / "stage2"
+    stage2.mkdir(parents=True)
+    (project / "README.md").write_text("a project that trains")
+    _git("init", "-q", cwd=project)
+    _git("add", "README.md", cwd=project)
+    _git("commit", "-q", "-m", "first", cwd=project)
+    assert convert.local_revision(project) == _git("rev-parse", "HEAD", cwd=project)
+    assert convert.local_revision(stage2) == "local"  # inside the repo, not a clone of these weights
+    assert convert.local_revision(tmp_path / "elsewhere") == "local"
+    # A folder's own manifest names its revision (a training export, a served folder).
+    (stage2 / "manifest.json").write_text(
+        json.dumps({"format": 1, "revision": "step-500", "files": {"a": {"size": 1, "sha256": "0"}}})
+    )
+    assert convert.local_revision(stage2) == "step-500"
+    snapshot = tmp_path / "models--rinna--jsd" / "snapshots" / "f0e1d2c3"
+    snapshot.mkdir(parents=True)
+    assert convert.local_revision(snapshot) == "f0e1d2c3"
+
+
 def test_dest_holding_something_else_is_kept_unless_forced(tmp_path, old_checkpoint, converted):
     dest = shutil.copytree(converted, tmp_path / "weights")
     with pytest.raises(ConversionError, match="holds rinna/japanese-stable-diffusion@0123abc, not other@r"):
@@ -259,6 +318,10 @@ def test_an_unlisted_weights_file_is_refused_but_other_extras_are_not(served):
         (lambda m: json.dumps(m | {"format": 99}), "format 99"),
         (lambda m: json.dumps(m | {"files": {"../secret": {"size": 1, "sha256": "0"}}}), "not a path inside"),
         (lambda m: json.dumps(m | {"files": {"unet/config.json": {"sha256": "0"}}}), "lacks an integer size"),
+        (lambda m: json.dumps(m | {"block_size": 0}), "block_size 0: expected a positive integer"),
+        (lambda m: json.dumps(m | {"block_size": -1024}), "block_size -1024: expected a positive integer"),
+        (lambda m: json.dumps(m | {"block_size": "64MiB"}), "block_size '64MiB': expected a positive integer"),
+        (lambda m: json.dumps(m | {"block_size": 1.5}), "block_size 1.5: expected a positive integer"),
     ],
 )
 def test_malformed_manifests_are_refused(served, edit, message):
