@@ -12,7 +12,6 @@ by ``scripts/cog_local.py`` from the predictor), in its own process group, and i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 import time
@@ -23,18 +22,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from repofiles import load_repo_module
+
 SETUP_TIMEOUT = 240.0  # seconds: importing torch/diffusers on 2 busy cores is most of it
 
 
-def _load_cog_local():
-    spec = importlib.util.spec_from_file_location("cog_local", REPO / "scripts" / "cog_local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cog_local = _load_cog_local()
+cog_local = load_repo_module("scripts/cog_local.py")
 
 
 @dataclass
@@ -48,6 +41,16 @@ class CogServer:
 
     def health(self) -> dict:
         return cog_local.health(self.url)
+
+    def settled_status(self, *, timeout: float = 10) -> str:
+        """Health status once a finished prediction has freed its slot (coglet frees it a moment
+        after answering), or whatever it still is after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        status = self.health()["status"]
+        while status == "BUSY" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = self.health()["status"]
+        return status
 
     def predict(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
         """Synchronous ``POST /predictions``: (HTTP status, JSON body).

@@ -43,7 +43,7 @@ def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def assert_ready(server) -> None:
-    assert server.health()["status"] == "READY"
+    assert server.settled_status() == "READY"
 
 
 def test_setup_logs_have_no_deprecation_warnings_and_report_the_weights(server):
@@ -201,10 +201,7 @@ def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
     status, body = result["response"]
     assert status == 200 and body["status"] == "canceled"
 
-    deadline = time.monotonic() + 30
-    while server.health()["status"] != "READY" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert_ready(server)
+    assert server.settled_status(timeout=30) == "READY"
     assert server.predict(FAST)[1]["status"] == "succeeded"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,23 +14,16 @@ from types import SimpleNamespace
 import httpx2
 import pytest
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from repofiles import REPO, load_repo_module
 from rinna2022 import write_2022_checkpoint
 
 from jsd.manifest import verify_manifest
 
-REPO = Path(__file__).resolve().parents[1]
 REPO_ID = "rinna/japanese-stable-diffusion"
 SHA = "f0e1d2c3b4a5968778695a4b3c2d1e0f12345678"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("download_weights", REPO / "scripts" / "download_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-download_weights = _load_script()
+download_weights = load_repo_module("scripts/download_weights.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
+from repofiles import REPO, load_repo_module
 
 from jsd import serving
 from jsd.manifest import WeightsVerificationError
@@ -18,7 +17,6 @@ from jsd.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_names
 from jsd.serving import GenerationRequest, InputError, NSFWError
 from jsd.tiny import set_nsfw_flagging
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = {"width": 128, "height": 128, "num_inference_steps": 2}
 
 
@@ -269,10 +267,7 @@ def test_webp_metadata_round_trips_japanese_newlines_and_quotes(generator, tmp_p
 
 
 def load_predict_module():
-    spec = importlib.util.spec_from_file_location("predict", REPO / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module("predict.py")
 
 
 def test_predictor_setup_and_run_write_image_files(tiny_checkpoint, monkeypatch):

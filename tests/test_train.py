@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -20,6 +19,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
+from repofiles import REPO, load_repo_module
 from safetensors.torch import load_file
 
 from jsd.manifest import verify_manifest
@@ -35,7 +35,6 @@ from jsd.training.data import (
 )
 from jsd.training.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["赤い花の写真", "海辺の夕日", "猫が寝ている", "富士山と雲", "東京の夜景", "桜の木", "雪の村", "青い車"]
 TINY = ["--resolution", "64", "--train_batch_size", "2", "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
 
@@ -298,9 +297,7 @@ def test_output_serves(stage2_run):
 def test_the_predictor_loads_the_output(stage2_run, monkeypatch):
     pytest.importorskip("cog")
     output, _ = stage2_run
-    spec = importlib.util.spec_from_file_location("predict_under_test", REPO / "predict.py")
-    predict = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predict)
+    predict = load_repo_module("predict.py", "predict_under_test")
     monkeypatch.setenv("JSD_WEIGHTS", str(output))
     predictor = predict.Predictor()
     predictor.setup()
@@ -560,9 +557,7 @@ def test_train_tokenizer_cli_keeps_rinnas_special_ids(tmp_path, tiny_checkpoint,
     captions.write_text("\n".join(CAPTIONS * 3), encoding="utf-8")
     metadata = image_folder(tmp_path / "data") / "metadata.jsonl"
     # the script's main() in this process (a child would spend most of its time importing torch)
-    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO / "scripts" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_repo_module("scripts/train_tokenizer.py")
     argv = ["--captions", str(captions), str(metadata), "--vocab_size", "200", "--output", str(tmp_path / "tok")]
     assert script.main(argv) == 0
     assert "<unk>=0, <s>=1, </s>=2, [PAD]=3, [CLS]=4, [SEP]=5, [MASK]=6" in capsys.readouterr().out
