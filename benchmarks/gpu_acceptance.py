@@ -385,7 +385,7 @@ def step_weights(ctx: Context, result: StepResult) -> None:
     import torch
     from bench_common import default_tokenizer_model
 
-    from jsd.manifest import read_manifest
+    from jsd.manifest import read_manifest, verify_manifest
     from jsd.tiny import TINY_SOURCE_PREFIX, make_checkpoint
 
     folder = ctx.workdir / f"weights-{ctx.plan.size}"
@@ -397,6 +397,8 @@ def step_weights(ctx: Context, result: StepResult) -> None:
         tokenizer = default_tokenizer_model()
         make_checkpoint(folder, tokenizer_model=tokenizer, size=ctx.plan.size, torch_dtype=torch.float16)
         result.notes.append(f"tokenizer: {'rinna' if tokenizer else 'trained on the project corpus'}")
+    manifest = verify_manifest(folder)
+    result.check("the weights match their manifest", True, f"revision {manifest.get('revision')}")
     ctx.weights_folder = folder
     files = [p for p in folder.rglob("*") if p.is_file()]
     result.figures |= {
