@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_VERSION := 25.3
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test lint format venv clean gpu-acceptance
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# On a CUDA host: every GPU claim measured in one go (docs/gpu-acceptance.md); refuses without CUDA.
+gpu-acceptance: venv
+	$(PY) benchmarks/gpu_acceptance.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cog outputs
