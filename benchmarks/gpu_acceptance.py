@@ -59,7 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 GIB = 2**30
 T4_USABLE_BYTES = 15 * GIB  # a T4's 16 GB less the CUDA context: what one request may peak at
-TOTAL_BUDGET_S = 480.0  # the issue's 8 minutes, set-up included
+TOTAL_BUDGET_S = 480.0  # the issue's 8 minutes, set-up included: the GPU steps' budgets and STARTUP_BUDGET_S
+STARTUP_BUDGET_S = 10.0  # imports, the environment, the report
 COMPILE_TOLERANCE = 0.02  # mean |compiled - eager| of the images, on a 0..1 scale (about 5/255)
 FP32_COPY_SLACK = 64 * 2**20  # CUDA memory beyond the weights that is not a second copy of them
 PROMPT = "サラリーマン 油絵"
@@ -101,7 +102,7 @@ GPU_PLAN = Plan(
         "pixel-budget": 35,
         "oom": 15,
         "compile": 120,
-        "training": 85,
+        "training": 80,
     },
 )
 # CPU: tiny shapes and sides a quarter of the GPU's (never below serving.MIN_SIDE), few steps. No
@@ -115,12 +116,13 @@ DRY_RUN_PLAN = Plan(
     budget_requests=(("txt2img", 192, 4), ("txt2img", 256, 2), ("img2img", 192, 4), ("inpaint", 192, 4)),
     train_resolution=64,
     train_precision="no",
+    # what a busy 2-core CI host takes (four Python processes start: each imports torch and diffusers)
     budgets={
-        "weights": 5,
-        "pytest-gpu": 20,
-        "production": 40,
-        "speed": 10,
-        "pixel-budget": 5,
+        "weights": 10,
+        "pytest-gpu": 25,
+        "production": 45,
+        "speed": 15,
+        "pixel-budget": 10,
         "oom": 5,
         "compile": 20,
         "training": 30,
@@ -1103,9 +1105,9 @@ STEPS = [
 ]
 
 
-def build_report(env: dict, results: list[StepResult], plan: Plan, started: float, finished: bool) -> dict:
+def build_report(env: dict, results: list[StepResult], started: float, finished: bool) -> dict:
     total = time.perf_counter() - started
-    budget = TOTAL_BUDGET_S if plan is GPU_PLAN else sum(plan.budgets.values())
+    budget = STARTUP_BUDGET_S + sum(r.budget_s for r in results)  # of the steps run (all: 480 s on a GPU)
     return {
         "label": report_label(env),
         "environment": env,
@@ -1221,7 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args, plan)
 
     def save(results: list[StepResult], finished: bool = False) -> dict:
-        report = build_report(env, results, plan, started, finished)
+        report = build_report(env, results, started, finished)
         write_report(report, args.out)
         return report
 

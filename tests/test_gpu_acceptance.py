@@ -163,6 +163,12 @@ def _plan_fields(**budgets: float) -> dict:
     return fields | {"budgets": budgets}
 
 
+def test_the_gpu_budgets_add_up_to_the_issues_8_minutes():
+    gpu_steps = sum(acceptance.GPU_PLAN.budgets.values())
+    assert gpu_steps + acceptance.STARTUP_BUDGET_S == acceptance.TOTAL_BUDGET_S == 8 * 60
+    assert set(acceptance.GPU_PLAN.budgets) == set(acceptance.DRY_RUN_PLAN.budgets) == set(STEPS)
+
+
 def test_a_step_past_its_hard_limit_is_stopped():
     start = time.perf_counter()
     with pytest.raises(acceptance.StepTimeout, match="hard limit"), acceptance.hard_limit(0.2):
