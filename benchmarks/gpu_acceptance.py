@@ -406,7 +406,7 @@ def step_weights(ctx: Context, result: StepResult) -> None:
     result.figures |= {
         "shapes": f"{ctx.plan.size} SD v1, random seeded weights",
         "files": len(files),
-        "size_gib": gib(sum(p.stat().st_size for p in files)),
+        "size_mib": round(sum(p.stat().st_size for p in files) / 2**20, 1),
     }
 
 
