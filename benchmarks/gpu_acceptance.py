@@ -1227,17 +1227,19 @@ def main(argv: list[str] | None = None) -> int:
     steps = [s for s in STEPS if s.name == "weights" or not args.steps or s.name in args.steps]
     ctx = Context(args, plan)
 
-    def save(results: list[StepResult], finished: bool = False) -> dict:
-        report = build_report(env, results, started, finished)
-        write_report(report, args.out)
-        return report
+    def save(results: list[StepResult]) -> None:
+        write_report(build_report(env, results, started, finished=False), args.out)
 
+    # `timeout` sends SIGTERM: exit through the finally blocks (coglet stopped, scratch files removed);
+    # the report of the steps already finished is on disk.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         results = run_steps(steps, ctx, plan.budgets, fail_step=args.fail_step, on_result=save)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    report = save(results, finished=True)
+    report = build_report(env, results, started, finished=True)
     json_path, md_path = write_report(report, args.out)
     print("\n" + markdown(report))
     print(f"report: {json_path}\nsummary: {md_path}")
