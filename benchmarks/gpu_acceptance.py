@@ -1219,11 +1219,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     plan = DRY_RUN_PLAN if args.dry_run else GPU_PLAN
+    env = environment(args.dry_run)
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     keep = args.workdir is not None
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="jsd-gpu-acceptance-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
-    env = environment(args.dry_run)
-    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     steps = [s for s in STEPS if s.name == "weights" or not args.steps or s.name in args.steps]
     ctx = Context(args, plan)
 
