@@ -278,7 +278,8 @@ def test_bench_setup_arms_load_the_same_weights_from_both_layouts(tmp_path, monk
     legacy = bench_setup.write_2022_copy(served, tmp_path / "rinna-2022")
 
     assert (legacy / "unet" / "diffusion_pytorch_model.bin").is_file()
-    assert (legacy / "text_encoder" / "pytorch_model.bin").is_file()
+    legacy_text = torch.load(legacy / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    assert "text_model.embeddings.position_ids" in legacy_text  # 2022 names (tests/test_weights.py checks them all)
     assert not list(legacy.rglob("*.safetensors")) and not (legacy / "manifest.json").exists()
     old = JapaneseStableDiffusionPipeline.from_pretrained(legacy, torch_dtype=torch.float32, use_safetensors=False)
     new = JapaneseStableDiffusionPipeline.from_pretrained(served, torch_dtype=torch.float32, use_safetensors=True)
