@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from repofiles import REPO, load_repo_module
 
-from jsd import serving
+from jsd import optimize, serving
 from jsd.manifest import WeightsVerificationError
 from jsd.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_names
 from jsd.serving import GenerationRequest, InputError, NSFWError
@@ -309,11 +310,32 @@ def test_predictor_schema_limits_the_prompt_length(monkeypatch):
 
 def test_predictor_setup_fails_on_a_damaged_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
     weights = shutil.copytree(tiny_checkpoint, tmp_path / "weights")
-    (weights / "unet" / "config.json").write_text("{}")
+    # One flipped bit in the last weight's bytes: the file still loads (only the manifest can tell).
+    unet = weights / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 0x01
+    unet.write_bytes(bytes(data))
+    serving.load_pipeline(weights, device="cpu")
     monkeypatch.setenv("JSD_WEIGHTS", str(weights))
 
-    with pytest.raises(WeightsVerificationError, match=r"unet/config\.json"):
+    with pytest.raises(WeightsVerificationError, match=r"unet/diffusion_pytorch_model\.safetensors does not match"):
         load_predict_module().Predictor().setup()
+
+
+def test_predictor_setup_applies_the_fast_path(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    monkeypatch.delenv("JSD_TORCH_COMPILE", raising=False)
+    monkeypatch.delenv("JSD_WARMUP", raising=False)
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+
+    pipe = predictor.generator.pipeline
+    # diffusers' defaults are neither: tiling off, and tiles of the VAE's own 512 px when on.
+    assert pipe.vae.use_slicing and pipe.vae.use_tiling
+    assert pipe.vae.tile_sample_min_size == optimize.VAE_TILE_SIZE != pipe.vae.config.sample_size
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.text_encoder.config._attn_implementation == "sdpa"
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
 
 
 def _run_defaults() -> dict:
