@@ -323,6 +323,27 @@ def test_predictor_setup_and_run_write_image_files(tiny_checkpoint, monkeypatch)
     assert Image.open(paths[1]).size == (128, 128)
 
 
+def test_predictor_records_the_metrics_of_its_request(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+    checker = predictor.generator.pipeline.safety_checker
+    real_forward = checker.forward
+    monkeypatch.setattr(
+        checker, "forward", lambda clip_input, images: (real_forward(clip_input, images)[0], [False, True, False])
+    )
+    recorded = {}
+    monkeypatch.setattr(predictor, "record_metric", lambda key, value, mode="replace": recorded.update({key: value}))
+
+    paths = predictor.run(**FAST, **_run_defaults() | {"prompt": "猫"}, num_outputs=3, seed=10, output_format="png")
+
+    assert len(paths) == 2
+    assert recorded["seeds"] == [10, 11, 12] and recorded["nsfw_filtered"] == 1
+    assert (recorded["prompt_chunks"], recorded["prompt_truncated_tokens"]) == (1, 0)
+    assert recorded["prompt_tokens"] == len(predictor.generator.pipeline.tokenizer.sp_model.encode("猫"))
+    assert 0 < recorded["inference_seconds"] < 60
+
+
 def test_each_run_leaves_only_its_own_files(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
     predictor = load_predict_module().Predictor()
