@@ -187,14 +187,16 @@ def make_checkpoint(
 # - diffusers v0.4.1 (commit 91ddd2a25b848df0fa1262d4f1cd98c7ccb87750), src/diffusers/models/attention.py:
 #   ``AttentionBlock`` (the VAE's mid-block attention) holds ``group_norm``, ``query``, ``key``, ``value``
 #   and ``proj_attn`` (today's ``Attention`` names them ``group_norm``, ``to_q``, ``to_k``, ``to_v``,
-#   ``to_out.0``); the UNet's ``Transformer2DModel`` names are unchanged since then.
+#   ``to_out.0``); the UNet's ``SpatialTransformer`` (today's ``Transformer2DModel``) already used
+#   today's key names (``norm``, ``proj_in``, ``transformer_blocks.N.attn1.to_q`` …, ``proj_out``).
 # - diffusers v0.4.1 ``UNet2DConditionModel.__init__`` and ``AutoencoderKL.__init__``: the keys of
 #   their ``config.json`` (ConfigMixin saves every ``__init__`` argument; ``scaling_factor`` and later
 #   keys did not exist); ``PNDMScheduler.__init__`` already had ``steps_offset``, rinna's config predates it.
 # - transformers v4.22.0, src/transformers/models/clip/modeling_clip.py: ``CLIPTextModel.text_model``
 #   and ``CLIPVisionModel.vision_model`` wrap the transformer (``text_model.`` / ``vision_model.`` key
 #   prefixes, gone from transformers 5's state dicts), and ``CLIPTextEmbeddings`` /
-#   ``CLIPVisionEmbeddings`` register ``position_ids`` as a persistent buffer (saved until v4.31).
+#   ``CLIPVisionEmbeddings`` register ``position_ids`` as a persistent buffer (CLIP's first version,
+#   huggingface/transformers#11445); it was saved until #24505 ("Clean load keys", v4.31) made it non-persistent.
 DIFFUSERS_2022_VERSION = "0.4.1"
 TRANSFORMERS_2022_VERSION = "4.22.0.dev0"
 DIFFUSERS_2022_CONFIG_KEYS = {

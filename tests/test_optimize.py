@@ -172,6 +172,7 @@ def test_vae_tile_size_must_be_a_multiple_of_the_latent_scale(pipe):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own
 def test_compiled_unet_equals_eager_on_its_first_real_call(pipe, monkeypatch):
     """``JSD_TORCH_COMPILE=1`` as setup() applies it: inductor (gcc on CPU), COMPILE_KWARGS, in place.
 
