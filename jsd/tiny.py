@@ -254,6 +254,23 @@ SCHEDULER_2022 = {
 }
 
 
+_CLIP_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+# Attributes every transformers 4.22 config saved in nested sub-configs (a few of them: generation defaults).
+_PRETRAINED_CONFIG_2022 = {
+    "add_cross_attention": False,
+    "do_sample": False,
+    "early_stopping": False,
+    "max_length": 20,
+    "min_length": 0,
+    "num_beams": 1,
+    "output_scores": False,
+    "return_dict": True,
+    "tf_legacy_loss": False,
+    "torchscript": False,
+    "use_bfloat16": False,
+}
+
+
 def state_dict_2022(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Today's state dict of ``component`` under the key names diffusers 0.4 / transformers 4.22 saved."""
     if component == "text_encoder":
@@ -281,6 +298,15 @@ def config_2022(component: str, config: dict) -> dict:
         old = {k: config[k] for k in DIFFUSERS_2022_CONFIG_KEYS[component] if k in config}
         return {"_class_name": config["_class_name"], "_diffusers_version": DIFFUSERS_2022_VERSION} | old
     old = {k: v for k, v in config.items() if k not in ("dtype", "transformers_version")}
+    if component == "safety_checker":
+        # transformers 4.22's CLIPConfig took ``text_config_dict`` / ``vision_config_dict`` and saved them
+        # beside the full sub-configs, which also held every PretrainedConfig attribute of the time
+        # (generation defaults such as ``max_length``); the Stable Diffusion safety checker's config.json
+        # still reads so.
+        for part, sizes in (("text", _CLIP_SIZE_KEYS), ("vision", (*_CLIP_SIZE_KEYS, "patch_size", "image_size"))):
+            sub = {k: v for k, v in old[f"{part}_config"].items() if k not in ("dtype", "transformers_version")}
+            old[f"{part}_config"] = _PRETRAINED_CONFIG_2022 | sub | {"torch_dtype": None}
+            old[f"{part}_config_dict"] = {k: sub[k] for k in sizes}
     return old | {"torch_dtype": "float32", "transformers_version": TRANSFORMERS_2022_VERSION}
 
 

@@ -68,6 +68,10 @@ def test_the_2022_fixture_holds_the_key_names_and_configs_of_2022(old_checkpoint
     assert {k for k in config("unet") if k.startswith("_")} == {"_class_name", "_diffusers_version"}
     for component in ("text_encoder", "safety_checker"):
         assert config(component)["transformers_version"].startswith("4.22") and "dtype" not in config(component)
+    clip = config("safety_checker")  # transformers 4.22's CLIPConfig: *_config_dict beside full sub-configs
+    assert clip["vision_config_dict"]["patch_size"] == clip["vision_config"]["patch_size"]
+    assert clip["text_config_dict"]["hidden_size"] == clip["text_config"]["hidden_size"]
+    assert clip["vision_config"]["max_length"] == 20  # a generation default every 2022 config carried
     scheduler = json.loads((old_checkpoint / "scheduler" / "scheduler_config.json").read_text())
     assert "steps_offset" not in scheduler
 
