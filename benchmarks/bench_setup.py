@@ -8,7 +8,8 @@ It writes one seeded checkpoint twice under a temporary folder (deleted afterwar
 
 - ``served/``: the served layout — fp16 safetensors and a checksum manifest (jsd.tiny.make_checkpoint);
 - ``rinna-2022/``: the same weights as rinna's 2022 files — pickled fp32 state dicts under rinna's
-  names (``unet/diffusion_pytorch_model.bin``, ``text_encoder/pytorch_model.bin`` …), no manifest.
+  file names (``unet/diffusion_pytorch_model.bin``, ``text_encoder/pytorch_model.bin`` …) and the key
+  names and configs diffusers 0.4 / transformers 4.22 wrote (jsd.tiny.write_2022_checkpoint), no manifest.
 
 Then, each in a fresh Python process (so that nothing is cached in the process and peak RSS is
 the arm's own), interleaved over ``--repeats`` rounds:
@@ -47,13 +48,6 @@ from pathlib import Path
 from bench_common import REPO, default_tokenizer_model, device_label, median  # benchmarks/ is on sys.path
 
 ARMS = ("setup", "served-fp16", "2022", "2022-init")
-# rinna's 2022 file names for the pickled weights of each model folder.
-RINNA_WEIGHT_FILES = {
-    "unet": "diffusion_pytorch_model.bin",
-    "vae": "diffusion_pytorch_model.bin",
-    "text_encoder": "pytorch_model.bin",
-    "safety_checker": "pytorch_model.bin",
-}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,7 +78,7 @@ def write_checkpoints(workdir: Path, size: str, tokenizer: Path | None) -> tuple
     from jsd.tiny import make_checkpoint
 
     served, legacy = workdir / "served", workdir / "rinna-2022"
-    if (served / "manifest.json").is_file() and (legacy / "unet" / RINNA_WEIGHT_FILES["unet"]).is_file():
+    if (served / "manifest.json").is_file() and (legacy / "unet" / "diffusion_pytorch_model.bin").is_file():
         print(f"reusing the checkpoints in {workdir} (delete it to rebuild)")
         return served, legacy
     start = time.perf_counter()
@@ -97,24 +91,10 @@ def write_checkpoints(workdir: Path, size: str, tokenizer: Path | None) -> tuple
 
 
 def write_2022_copy(served: Path, dest: Path) -> Path:
-    """Copy ``served`` as rinna's 2022 files: ``torch.save`` of fp32 state dicts, configs saying float32."""
-    import torch
-    from safetensors.torch import load_file
+    """Copy ``served`` as rinna's 2022 files: pickled fp32 state dicts under 2022 key names, 2022 configs."""
+    from jsd.tiny import write_2022_checkpoint
 
-    shutil.copytree(served, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    (dest / "manifest.json").unlink(missing_ok=True)
-    for folder, name in RINNA_WEIGHT_FILES.items():
-        state = {}
-        for shard in sorted((served / folder).glob("*.safetensors")):
-            state.update({k: v.float() for k, v in load_file(shard).items()})
-        torch.save(state, dest / folder / name)
-        config = dest / folder / "config.json"
-        data = json.loads(config.read_text())
-        for key in ("torch_dtype", "dtype"):
-            if key in data:
-                data[key] = "float32"
-        config.write_text(json.dumps(data, indent=2))
-    return dest
+    return write_2022_checkpoint(served, dest)
 
 
 def child(arm: str, folder: str, device: str) -> dict:

@@ -246,7 +246,7 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _convert_model(comp: str, src: Path, out: Path, scratch: Path, dtype: torch.dtype) -> None:
     cls = MODEL_CLASSES[comp]
-    weights = [src / n for n in choose_weights(p.name for p in src.iterdir()) if not n.endswith(".json")]
+    weights = _weights_files(src, choose_weights(p.name for p in src.iterdir()))
     load_from = src
     if weights[0].suffix == ".bin":
         # Tensors only, into a safetensors file the libraries load with their own key conversions.
@@ -274,6 +274,26 @@ def _convert_model(comp: str, src: Path, out: Path, scratch: Path, dtype: torch.
     model.save_pretrained(out, safe_serialization=True)
     if load_from != src:
         shutil.rmtree(load_from)
+
+
+def _weights_files(src: Path, chosen: list[str]) -> list[Path]:
+    """The weights files of one component: every shard its index lists (each must be there), or the one file."""
+    index = [n for n in chosen if n.endswith(".index.json")]
+    if not index:
+        return [src / n for n in chosen]
+    index_path = src / index[0]
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConversionError(f"{index_path} is not a shard index with a `weight_map` ({err}).") from err
+    missing = [name for name in shards if not (src / name).is_file()]
+    if missing:
+        raise ConversionError(
+            f"{index_path} lists {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not in {src}: "
+            "the download is incomplete. Run it again."
+        )
+    return [src / name for name in shards]
 
 
 def _check_loading_info(comp: str, weights: list[Path], info: dict) -> None:

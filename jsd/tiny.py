@@ -7,6 +7,8 @@ uses SD v1's real shapes (about 1.1 B parameters: for benchmarks only).
 
 from __future__ import annotations
 
+import json
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -176,4 +178,184 @@ def make_checkpoint(
     write_manifest(
         dest, source=f"{TINY_SOURCE_PREFIX} size={size} seed={seed} nsfw={nsfw}", revision=f"{size}-seed{seed}"
     )
+    return dest
+
+
+# --------------------------------------------------------------------------- rinna's 2022 layout
+# rinna's hub checkpoint was written by diffusers 0.4 and transformers 4.22. These are the names and
+# config keys of that era, from the sources at those tags:
+# - diffusers v0.4.1 (commit 91ddd2a25b848df0fa1262d4f1cd98c7ccb87750), src/diffusers/models/attention.py:
+#   ``AttentionBlock`` (the VAE's mid-block attention) holds ``group_norm``, ``query``, ``key``, ``value``
+#   and ``proj_attn`` (today's ``Attention`` names them ``group_norm``, ``to_q``, ``to_k``, ``to_v``,
+#   ``to_out.0``); the UNet's ``SpatialTransformer`` (today's ``Transformer2DModel``) already used
+#   today's key names (``norm``, ``proj_in``, ``transformer_blocks.N.attn1.to_q`` …, ``proj_out``).
+# - diffusers v0.4.1 ``UNet2DConditionModel.__init__`` and ``AutoencoderKL.__init__``: the keys of
+#   their ``config.json`` (ConfigMixin saves every ``__init__`` argument; ``scaling_factor`` and later
+#   keys did not exist); ``PNDMScheduler.__init__`` already had ``steps_offset``, rinna's config predates it.
+# - transformers v4.22.0, src/transformers/models/clip/modeling_clip.py: ``CLIPTextModel.text_model``
+#   and ``CLIPVisionModel.vision_model`` wrap the transformer (``text_model.`` / ``vision_model.`` key
+#   prefixes, gone from transformers 5's state dicts), and ``CLIPTextEmbeddings`` /
+#   ``CLIPVisionEmbeddings`` register ``position_ids`` as a persistent buffer (CLIP's first version,
+#   huggingface/transformers#11445); it was saved until #24505 ("Clean load keys", v4.31) made it non-persistent.
+DIFFUSERS_2022_VERSION = "0.4.1"
+TRANSFORMERS_2022_VERSION = "4.22.0.dev0"
+DIFFUSERS_2022_CONFIG_KEYS = {
+    "unet": (
+        "sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos", "freq_shift",
+        "down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "downsample_padding",
+        "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+        "attention_head_dim",
+    ),
+    "vae": (
+        "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+        "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+    ),
+}  # fmt: skip
+# The VAE attention of diffusers 0.4's AttentionBlock, by today's name.
+VAE_ATTENTION_2022 = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+WEIGHT_FILES_2022 = {
+    "unet": "diffusion_pytorch_model.bin",
+    "vae": "diffusion_pytorch_model.bin",
+    "text_encoder": "pytorch_model.bin",
+    "safety_checker": "pytorch_model.bin",
+}
+MODEL_INDEX_2022 = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": DIFFUSERS_2022_VERSION,
+    "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+TOKENIZER_CONFIG_2022 = {
+    "tokenizer_class": "T5Tokenizer",
+    "do_lower_case": True,
+    "model_max_length": 77,
+    "pad_token": "[PAD]",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "extra_ids": 0,
+    "additional_special_tokens": [],
+    "sp_model_kwargs": {},
+}
+SCHEDULER_2022 = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": DIFFUSERS_2022_VERSION,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "trained_betas": None,
+}
+
+
+_CLIP_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+# Attributes every transformers 4.22 config saved in nested sub-configs (a few of them: generation defaults).
+_PRETRAINED_CONFIG_2022 = {
+    "add_cross_attention": False,
+    "do_sample": False,
+    "early_stopping": False,
+    "max_length": 20,
+    "min_length": 0,
+    "num_beams": 1,
+    "output_scores": False,
+    "return_dict": True,
+    "tf_legacy_loss": False,
+    "torchscript": False,
+    "use_bfloat16": False,
+}
+
+
+def state_dict_2022(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Today's state dict of ``component`` under the key names diffusers 0.4 / transformers 4.22 saved."""
+    if component == "text_encoder":
+        state = {f"text_model.{k}": v for k, v in state.items()}
+        positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
+        state["text_model.embeddings.position_ids"] = torch.arange(positions).expand((1, -1))
+    elif component == "safety_checker":
+        state = {f"vision_model.{k}" if k.startswith("vision_model.") else k: v for k, v in state.items()}
+        positions = state["vision_model.vision_model.embeddings.position_embedding.weight"].shape[0]
+        state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(positions).expand((1, -1))
+    elif component == "vae":
+        renamed = {}
+        for key, value in state.items():
+            if ".attentions." in key:  # only the encoder's and decoder's mid-block have attention
+                for new, old in VAE_ATTENTION_2022.items():
+                    key = key.replace(f".{new}.", f".{old}.")
+            renamed[key] = value
+        state = renamed
+    return state
+
+
+def config_2022(component: str, config: dict) -> dict:
+    """Today's ``config.json`` of a model folder as the 2022 libraries wrote it."""
+    if component in DIFFUSERS_2022_CONFIG_KEYS:
+        old = {k: config[k] for k in DIFFUSERS_2022_CONFIG_KEYS[component] if k in config}
+        return {"_class_name": config["_class_name"], "_diffusers_version": DIFFUSERS_2022_VERSION} | old
+    old = {k: v for k, v in config.items() if k not in ("dtype", "transformers_version")}
+    if component == "safety_checker":
+        # transformers 4.22's CLIPConfig took ``text_config_dict`` / ``vision_config_dict`` and saved them
+        # beside the full sub-configs, which also held every PretrainedConfig attribute of the time
+        # (generation defaults such as ``max_length``); the Stable Diffusion safety checker's config.json
+        # still reads so.
+        for part, sizes in (("text", _CLIP_SIZE_KEYS), ("vision", (*_CLIP_SIZE_KEYS, "patch_size", "image_size"))):
+            sub = {k: v for k, v in old[f"{part}_config"].items() if k not in ("dtype", "transformers_version")}
+            old[f"{part}_config"] = _PRETRAINED_CONFIG_2022 | sub | {"torch_dtype": None}
+            old[f"{part}_config_dict"] = {k: sub[k] for k in sizes}
+    return old | {"torch_dtype": "float32", "transformers_version": TRANSFORMERS_2022_VERSION}
+
+
+def write_2022_checkpoint(served: str | Path, dest: str | Path, *, with_safety_checker: bool = True) -> Path:
+    """The weights of the served checkpoint ``served`` in rinna's 2022 hub layout at ``dest``.
+
+    Pickled fp32 ``.bin`` state dicts under 2022 key names (:func:`state_dict_2022`), configs with
+    2022 keys (:func:`config_2022`), a ``T5Tokenizer`` tokenizer config and model index, a scheduler
+    config without ``steps_offset``, a ``CLIPFeatureExtractor`` preprocessor config, no manifest.
+    """
+    from safetensors.torch import load_file
+
+    served, dest = Path(served), Path(dest)
+    dest.mkdir(parents=True)
+    models = (
+        WEIGHT_FILES_2022
+        if with_safety_checker
+        else {k: v for k, v in WEIGHT_FILES_2022.items() if k != "safety_checker"}
+    )
+    for name, filename in models.items():
+        (dest / name).mkdir()
+        state = {}
+        for shard in sorted((served / name).glob("*.safetensors")):
+            state.update({k: v.float() if v.is_floating_point() else v for k, v in load_file(shard).items()})
+        torch.save(state_dict_2022(name, state), dest / name / filename)
+        config = json.loads((served / name / "config.json").read_text())
+        (dest / name / "config.json").write_text(json.dumps(config_2022(name, config), indent=2))
+    (dest / "tokenizer").mkdir()
+    shutil.copyfile(served / "tokenizer" / "spiece.model", dest / "tokenizer" / "spiece.model")
+    (dest / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG_2022))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]"}
+    (dest / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(special))
+    (dest / "scheduler").mkdir()
+    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_2022))
+    index = dict(MODEL_INDEX_2022)
+    if with_safety_checker:
+        processor = json.loads((served / "feature_extractor" / "preprocessor_config.json").read_text())
+        crop = processor["crop_size"]["height"]
+        keys = ("do_center_crop", "do_normalize", "do_resize", "image_mean", "image_std")
+        old_processor = {k: processor[k] for k in keys}
+        old_processor |= {
+            "crop_size": crop,
+            "size": crop,
+            "resample": 3,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+        }
+        (dest / "feature_extractor").mkdir()
+        (dest / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(old_processor))
+    else:
+        index["safety_checker"] = index["feature_extractor"] = [None, None]
+    (dest / "model_index.json").write_text(json.dumps(index))
     return dest

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import sentencepiece
 from cogserver import cog_local, cog_server
 from PIL import Image
 
@@ -102,6 +103,31 @@ def test_missing_seed_is_random_and_reported(server):
     seeds = [server.predict(FAST)[1]["metrics"]["seeds"][0] for _ in range(2)]
     assert seeds[0] != seeds[1]
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_metrics_of_a_served_prediction_are_the_known_values(server, tiny_checkpoint):
+    # Expected piece counts straight from sentencepiece (lower-cased, as rinna's tokenizer): a prompt of
+    # one chunk, and one of more than 3 × 76 pieces with no word or punctuation boundary to cut at, so
+    # the chunks hold exactly 76 pieces each and the rest is truncated.
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_checkpoint / "tokenizer" / "spiece.model"))
+    cases = [("富士山 水彩", 2, 40), ("猫" * 300, 1, 7)]
+    for prompt, num_outputs, seed in cases:
+        pieces = len(sp.encode(prompt.lower()))
+        chunks = min(-(-pieces // 76), 3)
+        start = time.monotonic()
+        status, body = server.predict(FAST | {"prompt": prompt, "num_outputs": num_outputs, "seed": seed})
+        elapsed = time.monotonic() - start
+
+        assert status == 200 and body["status"] == "succeeded", body.get("error")
+        metrics = body["metrics"]
+        assert metrics["seeds"] == [seed + i for i in range(num_outputs)]
+        assert metrics["nsfw_filtered"] == 0  # the tiny checkpoint never flags (test_predict.py flags one)
+        assert (metrics["prompt_tokens"], metrics["prompt_chunks"]) == (pieces, chunks), prompt[:10]
+        assert metrics["prompt_truncated_tokens"] == max(pieces - 3 * 76, 0)
+        assert isinstance(metrics["inference_seconds"], float)
+        assert 0 < metrics["inference_seconds"] < elapsed  # seconds, of this prediction
+        assert metrics["predict_time"] >= metrics["inference_seconds"]
+    assert metrics["prompt_truncated_tokens"] > 0  # the long prompt did overflow
 
 
 def test_img2img_and_inpaint_accept_image_and_mask_data(server):

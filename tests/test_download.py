@@ -15,9 +15,9 @@ import httpx2
 import pytest
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 from repofiles import REPO, load_repo_module
-from rinna2022 import write_2022_checkpoint
 
 from jsd.manifest import verify_manifest
+from jsd.tiny import write_2022_checkpoint
 
 REPO_ID = "rinna/japanese-stable-diffusion"
 SHA = "f0e1d2c3b4a5968778695a4b3c2d1e0f12345678"

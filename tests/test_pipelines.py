@@ -16,6 +16,7 @@ from jsd import (
     JapaneseStableDiffusionInpaintPipeline,
     JapaneseStableDiffusionPipeline,
 )
+from jsd.tiny import write_2022_checkpoint
 
 PROMPT, NEGATIVE = "サラリーマン 油絵", "低品質、ぼやけた"
 SIZE = 64
@@ -116,39 +117,9 @@ def test_safety_checker_blacks_out_flagged_images(tmp_path, rinna_spiece):
     assert not out.images.any()
 
 
-def write_rinna_2022_layout(served, dest, *, with_safety_checker: bool = True):
-    """The layout rinna published: pickled fp32 .bin weights, T5Tokenizer in model_index, old configs."""
-    shutil.copytree(served, dest)
-    (dest / "manifest.json").unlink()  # the hub repo has no manifest: only our served folders do
-    pipe = JapaneseStableDiffusionPipeline.from_pretrained(served)
-    files = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "pytorch_model"}
-    if with_safety_checker:
-        files["safety_checker"] = "pytorch_model"
-    else:
-        shutil.rmtree(dest / "safety_checker")
-        shutil.rmtree(dest / "feature_extractor")
-    for name, stem in files.items():
-        for f in (dest / name).glob("*.safetensors"):
-            f.unlink()
-        torch.save(getattr(pipe, name).state_dict(), dest / name / f"{stem}.bin")
-    index = json.loads((dest / "model_index.json").read_text())
-    index |= {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.4.1"}
-    index["tokenizer"] = ["transformers", "T5Tokenizer"]
-    if not with_safety_checker:
-        index["safety_checker"] = index["feature_extractor"] = [None, None]
-    (dest / "model_index.json").write_text(json.dumps(index))
-    scheduler = json.loads((dest / "scheduler" / "scheduler_config.json").read_text())
-    scheduler.pop("steps_offset")
-    (dest / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
-    (dest / "tokenizer" / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "T5Tokenizer", "do_lower_case": True, "model_max_length": 77, "extra_ids": 0})
-    )
-    return dest
-
-
 @pytest.mark.parametrize("with_safety_checker", [True, False])
 def test_loads_rinnas_2022_layout_and_matches_the_served_one(tmp_path, rinna_checkpoint, pipe, with_safety_checker):
-    old = write_rinna_2022_layout(rinna_checkpoint, tmp_path / "rinna", with_safety_checker=with_safety_checker)
+    old = write_2022_checkpoint(rinna_checkpoint, tmp_path / "rinna", with_safety_checker=with_safety_checker)
     legacy = JapaneseStableDiffusionPipeline.from_pretrained(old)
     assert (legacy.safety_checker is None) is not with_safety_checker
     assert legacy.scheduler.config.steps_offset == 1

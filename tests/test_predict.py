@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from repofiles import REPO, load_repo_module
 
-from jsd import serving
+from jsd import optimize, serving
 from jsd.manifest import WeightsVerificationError
-from jsd.schedulers import DEFAULT_SCHEDULER, make_scheduler, scheduler_names
+from jsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler, scheduler_names
 from jsd.serving import GenerationRequest, InputError, NSFWError
 from jsd.tiny import set_nsfw_flagging
 
@@ -58,6 +60,29 @@ def test_default_scheduler_is_dpm_solver_pp_2m_and_every_call_gets_a_new_one(gen
     assert built[0].config.algorithm_type == "dpmsolver++" and built[0].config.solver_order == 2
     assert generator.pipeline.scheduler not in built
     assert dict(generator.pipeline.scheduler.config) == loaded_config
+
+
+def test_each_request_steps_a_scheduler_object_of_its_own(generator, monkeypatch):
+    # Which scheduler *object* runs the denoising steps: a pipeline that kept (or shared) one would step
+    # the same object twice, which images cannot show (diffusers resets timesteps in set_timesteps).
+    stepped = []
+    for cls in {spec.cls for spec in SCHEDULERS.values()} | {type(generator.pipeline.scheduler)}:
+        real_step = cls.step
+        monkeypatch.setattr(
+            cls,
+            "step",
+            lambda self, *args, _real=real_step, **kwargs: stepped.append(self) or _real(self, *args, **kwargs),
+        )
+    used = []
+    for name in (DEFAULT_SCHEDULER, DEFAULT_SCHEDULER, "PNDM"):
+        stepped.clear()
+        generator.generate(GenerationRequest(**FAST, seed=1, scheduler=name))
+        assert stepped and all(s is stepped[0] for s in stepped), name
+        assert type(stepped[0]) is SCHEDULERS[name].cls, name
+        used.append(stepped[0])
+
+    assert len({id(s) for s in used}) == 3  # kept alive in `used`, so ids are not reused
+    assert all(s is not generator.pipeline.scheduler for s in used)
 
 
 def test_no_scheduler_state_leaks_between_requests(generator):
@@ -217,22 +242,38 @@ def test_other_runtime_errors_are_not_disguised_as_out_of_memory(generator, monk
         generator.generate(GenerationRequest(**FAST, seed=1))
 
 
+def test_free_accelerator_memory_is_a_no_op_on_cpu_and_empties_the_cuda_cache_otherwise(monkeypatch):
+    serving.free_accelerator_memory()  # the real function, here without CUDA: must not fail
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    serving.free_accelerator_memory()
+    assert emptied == [True]
+
+
 def test_cuda_out_of_memory_frees_memory_and_the_next_request_works(generator, monkeypatch):
-    freed = []
-    monkeypatch.setattr(serving, "free_accelerator_memory", lambda: freed.append(True))
     real_call = serving.JapaneseStableDiffusionPipeline.__call__
-    calls = []
+    emptied, activations = [], []
 
     def call_once_out_of_memory(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+        if not activations:
+            held = torch.empty(1024, 1024)  # what the failed denoising step leaves in its frames
+            activations.append(weakref.ref(held))
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU host, for the cleanup
+            monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(activations[0]() is None))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(serving.JapaneseStableDiffusionPipeline, "__call__", call_once_out_of_memory)
-    with pytest.raises(serving.GenerationError, match="CUDA ran out of memory generating 2 image"):
+    with pytest.raises(serving.GenerationError, match="CUDA ran out of memory generating 2 image") as failed:
         generator.generate(GenerationRequest(**FAST, num_outputs=2, seed=1))
-    assert freed == [True]
+    monkeypatch.undo()  # torch.cuda as it is again
+
+    # The real free_accelerator_memory ran once, after the failed call's tensors were released (the
+    # cache can only give back what nothing holds), and the error keeps no traceback that holds them.
+    assert emptied == [True]
+    assert failed.value.__cause__ is None and failed.value.__context__ is None
+    assert activations[0]() is None
     assert len(generator.generate(GenerationRequest(**FAST, seed=1)).images) == 1
 
 
@@ -282,6 +323,27 @@ def test_predictor_setup_and_run_write_image_files(tiny_checkpoint, monkeypatch)
     assert Image.open(paths[1]).size == (128, 128)
 
 
+def test_predictor_records_the_metrics_of_its_request(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+    checker = predictor.generator.pipeline.safety_checker
+    real_forward = checker.forward
+    monkeypatch.setattr(
+        checker, "forward", lambda clip_input, images: (real_forward(clip_input, images)[0], [False, True, False])
+    )
+    recorded = {}
+    monkeypatch.setattr(predictor, "record_metric", lambda key, value, mode="replace": recorded.update({key: value}))
+
+    paths = predictor.run(**FAST, **_run_defaults() | {"prompt": "猫"}, num_outputs=3, seed=10, output_format="png")
+
+    assert len(paths) == 2
+    assert recorded["seeds"] == [10, 11, 12] and recorded["nsfw_filtered"] == 1
+    assert (recorded["prompt_chunks"], recorded["prompt_truncated_tokens"]) == (1, 0)
+    assert recorded["prompt_tokens"] == len(predictor.generator.pipeline.tokenizer.sp_model.encode("猫"))
+    assert 0 < recorded["inference_seconds"] < 60
+
+
 def test_each_run_leaves_only_its_own_files(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
     predictor = load_predict_module().Predictor()
@@ -309,11 +371,32 @@ def test_predictor_schema_limits_the_prompt_length(monkeypatch):
 
 def test_predictor_setup_fails_on_a_damaged_checkpoint(tiny_checkpoint, tmp_path, monkeypatch):
     weights = shutil.copytree(tiny_checkpoint, tmp_path / "weights")
-    (weights / "unet" / "config.json").write_text("{}")
+    # One flipped bit in the last weight's bytes: the file still loads (only the manifest can tell).
+    unet = weights / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 0x01
+    unet.write_bytes(bytes(data))
+    serving.load_pipeline(weights, device="cpu")
     monkeypatch.setenv("JSD_WEIGHTS", str(weights))
 
-    with pytest.raises(WeightsVerificationError, match=r"unet/config\.json"):
+    with pytest.raises(WeightsVerificationError, match=r"unet/diffusion_pytorch_model\.safetensors does not match"):
         load_predict_module().Predictor().setup()
+
+
+def test_predictor_setup_applies_the_fast_path(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    monkeypatch.delenv("JSD_TORCH_COMPILE", raising=False)
+    monkeypatch.delenv("JSD_WARMUP", raising=False)
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+
+    pipe = predictor.generator.pipeline
+    # diffusers' defaults are neither: tiling off, and tiles of the VAE's own 512 px when on.
+    assert pipe.vae.use_slicing and pipe.vae.use_tiling
+    assert pipe.vae.tile_sample_min_size == optimize.VAE_TILE_SIZE != pipe.vae.config.sample_size
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert pipe.text_encoder.config._attn_implementation == "sdpa"
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
 
 
 def _run_defaults() -> dict:

@@ -10,7 +10,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from rinna2022 import write_2022_checkpoint
 from safetensors import safe_open
 
 from jsd import convert, manifest
@@ -18,6 +17,7 @@ from jsd.convert import ConversionError, UnsafePickleError, convert_checkpoint, 
 from jsd.loading import load_components
 from jsd.manifest import WeightsVerificationError, verify_manifest, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
+from jsd.tiny import write_2022_checkpoint
 
 MODELS = ("unet", "vae", "text_encoder", "safety_checker")
 
@@ -35,6 +35,45 @@ def converted(tmp_path_factory, old_checkpoint):
     report = convert_checkpoint(old_checkpoint, dest, source="rinna/japanese-stable-diffusion", revision="0123abc")
     assert report.converted and not report.already_complete
     return dest
+
+
+def test_the_2022_fixture_holds_the_key_names_and_configs_of_2022(old_checkpoint):
+    """What diffusers 0.4.1 and transformers 4.22 saved (see jsd.tiny): a fixture with today's names proves nothing."""
+
+    def keys(component: str, filename: str) -> dict[str, torch.Tensor]:
+        return torch.load(old_checkpoint / component / filename, weights_only=True)
+
+    def config(component: str) -> dict:
+        return json.loads((old_checkpoint / component / "config.json").read_text())
+
+    vae = keys("vae", "diffusion_pytorch_model.bin")
+    for part in ("encoder", "decoder"):
+        for name in ("group_norm", "query", "key", "value", "proj_attn"):  # diffusers 0.4's AttentionBlock
+            assert f"{part}.mid_block.attentions.0.{name}.weight" in vae, (part, name)
+    assert not [k for k in vae if ".to_q." in k or ".to_out." in k]
+    text = keys("text_encoder", "pytorch_model.bin")
+    assert all(k.startswith("text_model.") for k in text)
+    assert text["text_model.embeddings.position_ids"].tolist() == [list(range(77))]
+    checker = keys("safety_checker", "pytorch_model.bin")
+    assert "vision_model.vision_model.embeddings.position_ids" in checker
+    assert "vision_model.vision_model.post_layernorm.weight" in checker and "concept_embeds_weights" in checker
+    unet = keys("unet", "diffusion_pytorch_model.bin")
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight" in unet  # unchanged since 0.4
+    assert config("unet")["_diffusers_version"] == config("vae")["_diffusers_version"] == "0.4.1"
+    assert set(config("vae")) == {
+        "_class_name", "_diffusers_version", "in_channels", "out_channels", "down_block_types", "up_block_types",
+        "block_out_channels", "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+    }  # fmt: skip
+    assert "scaling_factor" not in config("vae") and "addition_embed_type" not in config("unet")
+    assert {k for k in config("unet") if k.startswith("_")} == {"_class_name", "_diffusers_version"}
+    for component in ("text_encoder", "safety_checker"):
+        assert config(component)["transformers_version"].startswith("4.22") and "dtype" not in config(component)
+    clip = config("safety_checker")  # transformers 4.22's CLIPConfig: *_config_dict beside full sub-configs
+    assert clip["vision_config_dict"]["patch_size"] == clip["vision_config"]["patch_size"]
+    assert clip["text_config_dict"]["hidden_size"] == clip["text_config"]["hidden_size"]
+    assert clip["vision_config"]["max_length"] == 20  # a generation default every 2022 config carried
+    scheduler = json.loads((old_checkpoint / "scheduler" / "scheduler_config.json").read_text())
+    assert "steps_offset" not in scheduler
 
 
 class Evil:
@@ -115,6 +154,29 @@ def test_a_git_lfs_pointer_instead_of_weights_is_explained(tmp_path, old_checkpo
     (source / "unet" / "diffusion_pytorch_model.bin").write_text(pointer)
     with pytest.raises(ConversionError, match=r"unet/diffusion_pytorch_model\.bin is a git-lfs pointer.*git lfs pull"):
         convert_checkpoint(source, tmp_path / "weights", source="clone", revision="r")
+
+
+def test_a_sharded_bin_checkpoint_converts_whole_and_a_lost_shard_is_named(tmp_path, old_checkpoint, tiny_checkpoint):
+    source = shutil.copytree(old_checkpoint, tmp_path / "hub")
+    folder = source / "text_encoder"
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    (folder / "pytorch_model.bin").unlink()
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, shard_keys in shards.items():
+        torch.save({k: state[k] for k in shard_keys}, folder / name)
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    dest = convert_checkpoint(source, tmp_path / "weights", source="hub", revision="r").dest
+    want = load_components(tiny_checkpoint, use_safetensors=True)["text_encoder"].state_dict()
+    got = load_components(dest, use_safetensors=True)["text_encoder"].state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k].half()) for k in want)  # every tensor of both shards
+
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(ConversionError, match=r"index\.json lists pytorch_model-00002-of-00002\.bin, which is not in"):
+        convert_checkpoint(source, tmp_path / "other", source="hub", revision="r")
 
 
 def test_weights_of_another_architecture_are_refused_with_the_keys(tmp_path, old_checkpoint):
@@ -242,7 +304,11 @@ def test_select_files_prefers_safetensors_ignores_variants_and_names_what_is_mis
     chosen = select_files(names)
     assert "unet/diffusion_pytorch_model.safetensors" in chosen
     assert not {"unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors"} & set(chosen)
-    assert "text_encoder/pytorch_model.bin.index.json" in chosen and "text_encoder/pytorch_model-00002-of-00002.bin"
+    assert {
+        "text_encoder/pytorch_model.bin.index.json",
+        "text_encoder/pytorch_model-00001-of-00002.bin",
+        "text_encoder/pytorch_model-00002-of-00002.bin",
+    } <= set(chosen)
     assert not {"japanese-stable-diffusion.ckpt", "README.md"} & set(chosen)
     with pytest.raises(ConversionError, match=r"lacks .*tokenizer/spiece\.model.*vae/"):
         select_files([n for n in names if not n.startswith(("vae/", "tokenizer/spiece"))])

@@ -1,0 +1,83 @@
+"""The training loss against an independent computation on a fixed batch (jsd.training.step.diffusion_loss).
+
+The reference below follows the DDPM forward process from the scheduler's betas by hand, not through
+diffusers' ``add_noise``/``get_velocity``: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε, and the target is ε for
+``epsilon`` and v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x_0 for ``v_prediction`` (Salimans & Ho 2022, eq. 9).
+It draws its random numbers in the loss's documented order from the same seed: the VAE posterior
+sample, the noise, the timesteps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from jsd.loading import load_components, load_scheduler
+from jsd.training.step import diffusion_loss, tokenize
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    components = load_components(tiny_checkpoint, torch_dtype=torch.float32, load_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    input_ids = tokenize(components["tokenizer"], ["赤い花の写真", "海辺の夕日"])
+    config = load_scheduler(tiny_checkpoint / "scheduler").config
+    return components, pixels, input_ids, config
+
+
+def reference_loss(components, pixels, input_ids, scheduler: DDPMScheduler, prediction_type: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        latents = components["vae"].encode(pixels).latent_dist.sample(generator=generator) * 0.18215
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+        alpha_bar = torch.cumprod(1 - betas, dim=0)[timesteps].float().view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+        target = {"epsilon": noise, "v_prediction": velocity}[prediction_type]
+        hidden = components["text_encoder"](input_ids)[0]
+        prediction = components["unet"](noisy, timesteps, hidden).sample
+        return ((prediction - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_equals_an_independent_computation_on_a_fixed_batch(parts, prediction_type):
+    components, pixels, input_ids, config = parts
+    scheduler = DDPMScheduler.from_config(config, prediction_type=prediction_type)
+    assert (scheduler.config.beta_schedule, scheduler.config.num_train_timesteps) == ("scaled_linear", 1000)
+    with torch.no_grad():
+        loss = diffusion_loss(
+            unet=components["unet"],
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            noise_scheduler=scheduler,
+            pixel_values=pixels,
+            input_ids=input_ids,
+            generator=torch.Generator().manual_seed(SEED),
+        )
+    expected = reference_loss(components, pixels, input_ids, scheduler, prediction_type)
+    other_type = "v_prediction" if prediction_type == "epsilon" else "epsilon"
+    other = reference_loss(components, pixels, input_ids, scheduler, other_type)
+    assert abs(expected.item() - other.item()) > 1e-3  # the batch tells the two targets apart
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_prediction_type_is_refused(parts):
+    components, pixels, input_ids, config = parts
+    scheduler = DDPMScheduler.from_config(config, prediction_type="sample")
+    with pytest.raises(ValueError, match=r"`prediction_type`='sample'"):
+        diffusion_loss(
+            unet=components["unet"],
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            noise_scheduler=scheduler,
+            pixel_values=pixels,
+            input_ids=input_ids,
+            generator=torch.Generator().manual_seed(SEED),
+        )
