@@ -49,11 +49,12 @@ TARGET_MODULES = {"unet": UNET_TARGET_MODULES, "text_encoder": TEXT_ENCODER_TARG
 CHECKPOINT_FILE = "lora_adapters.safetensors"  # peft state dicts, "unet."/"text_encoder." prefixed
 
 
-def add_lora_adapters(components: dict, names: tuple[str, ...], *, rank: int) -> dict[str, torch.nn.Module]:
+def add_lora_adapters(components: dict, names: tuple[str, ...], *, rank: int, seed: int) -> dict[str, torch.nn.Module]:
     """Add a trainable rank-``rank`` LoRA adapter to each of ``names``; returns those modules (train mode).
 
     The modules must already be frozen (``requires_grad`` off, in the weight dtype): only the adapters train,
     and they are kept in fp32 (diffusers' ``cast_training_params``) whatever the frozen weights' dtype.
+    The random initialisation is drawn from ``seed`` (the global RNG is left as it was): a run is reproducible.
     """
     trained = {}
     for name in names:
@@ -61,7 +62,9 @@ def add_lora_adapters(components: dict, names: tuple[str, ...], *, rank: int) ->
         config = LoraConfig(
             r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES[name])
         )
-        module.add_adapter(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module.add_adapter(config)
         cast_training_params(module, dtype=torch.float32)
         trained[name] = module.train()
     return trained

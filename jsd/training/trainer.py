@@ -112,7 +112,9 @@ def train(config: TrainConfig) -> Path:
         )
     else:  # everything frozen in the weight dtype; only the adapters train
         freeze_for_stage(components, (), device=accelerator.device, weight_dtype=weight_dtype)
-        trained = lora_training.add_lora_adapters(components, config.trained_modules, rank=config.lora_rank)
+        trained = lora_training.add_lora_adapters(
+            components, config.trained_modules, rank=config.lora_rank, seed=config.seed
+        )
         lora_training.register_lora_checkpointing(accelerator, trained)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()
