@@ -1,7 +1,9 @@
 """Cog entry point (cog.yaml ``run: predict.py:Predictor``): typed inputs → one jsd.serving call → image files.
 
 Run it with Docker (``cog predict -i prompt=...``) or without (``python scripts/cog_local.py predict ...``).
-The logic lives in :mod:`jsd.serving`; this file only maps Cog's inputs and outputs onto it.
+The logic lives in :mod:`jsd.serving` (LoRAs: :mod:`jsd.lora`); this file only maps Cog's inputs and outputs
+onto it. A version trained on Replicate (``train.py``) starts with ``COG_WEIGHTS`` = the trainer's .tar: Cog
+passes it to ``setup(weights)`` and it becomes the default LoRA.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 
 from cog import BaseRunner, Input, Path
 
-from jsd import serving
+from jsd import lora, serving
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
@@ -28,8 +30,12 @@ SIDES = list(range(serving.MIN_SIDE, serving.MAX_SIDE + 1, serving.SIZE_STEP))
 
 
 class Predictor(BaseRunner):
-    def setup(self) -> None:
-        """Verify the checkpoint against its manifest, then load it once (CUDA fp16, else CPU fp32)."""
+    def setup(self, weights: str | None = None) -> None:
+        """Verify the checkpoint against its manifest, then load it once (CUDA fp16, else CPU fp32).
+
+        ``weights``: Cog's ``COG_WEIGHTS`` (the URL of a training's output, for a trained version): the LoRA
+        used when a request gives no ``lora_weights``. A LoRA that does not fit fails setup.
+        """
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # One folder for the outputs, emptied at the start of every run: predictions run one at a time
         # (cog.yaml sets no concurrency) and Cog has read the previous outputs before it starts the next.
@@ -51,6 +57,9 @@ class Predictor(BaseRunner):
             verified - start,
             loaded - verified,
         )
+        if weights:
+            default = self.generator.set_default_lora(weights)
+            logger.info("Default LoRA (COG_WEIGHTS) %s, sha256 %s", default.source, default.sha256)
         if not self.generator.has_safety_checker:
             logger.warning("This checkpoint has no safety checker: images are returned unchecked.")
 
@@ -116,6 +125,18 @@ class Predictor(BaseRunner):
         disable_safety_checker: bool = Input(
             description="Return images the safety checker would flag as NSFW.", default=False
         ),
+        lora_weights: str | None = Input(
+            description="A LoRA for this request: an http(s) URL, data URI or path of a trainer .tar (this "
+            "model's trainings) or a .safetensors in diffusers or kohya format, made for Japanese Stable "
+            "Diffusion. Empty: the trained version's own LoRA, if any, else the base model.",
+            default=None,
+        ),
+        lora_scale: float = Input(
+            description="Strength of the LoRA; 0 gives the base model's image.",
+            ge=0,
+            le=lora.MAX_LORA_SCALE,
+            default=1.0,
+        ),
     ) -> list[Path]:
         shutil.rmtree(self.output_dir, ignore_errors=True)  # the previous prediction's files
         os.makedirs(self.output_dir)
@@ -136,6 +157,8 @@ class Predictor(BaseRunner):
             output_quality=output_quality,
             disable_safety_checker=disable_safety_checker,
             prompt_weighting=prompt_weighting,
+            lora_weights=lora_weights,
+            lora_scale=lora_scale,
         )
         result = self.generator.generate(request)
         for name, value in result.token_report.metrics().items():  # prompt_tokens, prompt_chunks, ...

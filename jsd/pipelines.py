@@ -16,6 +16,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from diffusers.pipelines import pipeline_loading_utils
+from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
 from jsd import loading, prompting
 from jsd.tokenizer import JapaneseTokenizer
@@ -84,6 +85,50 @@ class JapanesePipelineMixin:
             "prompt_weighting": weighting if prompt_weighting is None else prompt_weighting,
             "max_prompt_chunks": max_chunks if max_prompt_chunks is None else max_prompt_chunks,
         }
+        # diffusers' encode_prompt scales the text encoder's LoRA layers by `lora_scale` around its own
+        # text-encoder call; ours bypasses that call, so it scales them here the same way
+        # (pipeline_stable_diffusion.py: scale_lora_layers ... unscale_lora_layers with the PEFT backend).
+        scaled = lora_scale is not None and USE_PEFT_BACKEND and self.text_encoder is not None
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            prompt_embeds, negative_prompt_embeds = self._encode_texts(
+                prompt,
+                device,
+                do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                clip_skip,
+                options,
+            )
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        # diffusers does the rest: dtype, num_images_per_prompt duplication. No `lora_scale`: it would scale
+        # and unscale the text encoder around nothing, and remember the scale in `self._lora_scale`, which
+        # the next `load_lora_weights` applies to the text encoder it loads.
+        return super().encode_prompt(
+            None,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
+
+    def _encode_texts(
+        self,
+        prompt,
+        device,
+        do_classifier_free_guidance,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        clip_skip,
+        options,
+    ):
+        """Prompt and negative prompt through :mod:`jsd.prompting`, padded to the same number of chunks."""
         positives = negatives = None
         if prompt_embeds is None:
             positives = self._tokenize(_as_list(prompt), **options)
@@ -98,16 +143,7 @@ class JapanesePipelineMixin:
             prompt_embeds = self._embeds(positives, prompt_embeds, num_chunks, device, clip_skip)
             if do_classifier_free_guidance:
                 negative_prompt_embeds = self._embeds(negatives, negative_prompt_embeds, num_chunks, device, clip_skip)
-        # diffusers does the rest: dtype, num_images_per_prompt duplication, LoRA scale bookkeeping.
-        return super().encode_prompt(
-            None,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-        )
+        return prompt_embeds, negative_prompt_embeds
 
     def _tokenize(self, texts: list[str], **options) -> list[prompting.TokenReport]:
         reports = [prompting.tokenize_prompt(self.tokenizer, text, **options) for text in texts]

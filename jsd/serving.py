@@ -18,7 +18,9 @@ What a user can rely on:
 - a new scheduler is built for every call, so no sampler state leaks from one request into the next;
 - NSFW is judged per image: flagged images are dropped, and only a request whose images are all
   flagged fails (:class:`NSFWError`);
-- CUDA out-of-memory frees the cache and raises :class:`GenerationError`; the next call works.
+- CUDA out-of-memory frees the cache and raises :class:`GenerationError`; the next call works;
+- a LoRA (``lora_weights``, or the generator's default one) is loaded for one request and unloaded after
+  it: a request without one gets the base model's images bit for bit, and so does ``lora_scale=0``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from xml.sax.saxutils import escape
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from jsd import lora as lora_weights
 from jsd.pipelines import (
     JapaneseStableDiffusionImg2ImgPipeline,
     JapaneseStableDiffusionInpaintPipeline,
@@ -106,6 +109,8 @@ class GenerationRequest:
     output_quality: int = 90  # webp/jpg only
     disable_safety_checker: bool = False
     prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
+    lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora); None: the generator's default
+    lora_scale: float = 1.0  # 0: the base model exactly
 
     def validate(self) -> ValidatedRequest:
         """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one."""
@@ -134,6 +139,9 @@ class GenerationRequest:
             raise InputError(f"`disable_safety_checker` must be true or false, got {self.disable_safety_checker!r}.")
         if not isinstance(self.prompt_weighting, bool):
             raise InputError(f"`prompt_weighting` must be true or false, got {self.prompt_weighting!r}.")
+        if self.lora_weights is not None and not isinstance(self.lora_weights, str):
+            raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {self.lora_weights!r}.")
+        _check_float("lora_scale", self.lora_scale, 0.0, lora_weights.MAX_LORA_SCALE)
         image, mask = self._decode_images()
         return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
 
@@ -232,10 +240,38 @@ class ImageGenerator:
     set during one request (scheduler state, a disabled safety checker) is seen by the next.
     """
 
-    def __init__(self, pipeline: JapaneseStableDiffusionPipeline, *, model_revision: str = "unknown") -> None:
+    def __init__(
+        self,
+        pipeline: JapaneseStableDiffusionPipeline,
+        *,
+        model_revision: str = "unknown",
+        lora_cache: lora_weights.LoraCache | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.model_revision = model_revision
         self._scheduler_config = dict(pipeline.scheduler.config)
+        self.lora_cache = lora_cache or lora_weights.LoraCache()
+        self.default_lora: lora_weights.LoraFile | None = None
+
+    def set_default_lora(self, value: str | None, *, name: str = "weights") -> lora_weights.LoraFile | None:
+        """Use the LoRA behind ``value`` for requests without ``lora_weights`` (``None``: the base model).
+
+        It is fetched, verified and test-loaded now, so a LoRA that does not fit fails here (raising
+        :class:`InputError` naming ``name``), not in every request.
+        """
+        lora = None
+        if value:
+            lora = self._resolve_lora(value, name=name)
+            with lora_weights.apply_lora(self.pipeline, lora, 1.0, name=name):
+                pass
+        self.default_lora = lora
+        return lora
+
+    def _resolve_lora(self, value: str, *, name: str) -> lora_weights.LoraFile:
+        try:
+            return self.lora_cache.resolve(value, name=name)
+        except lora_weights.LoraError as err:
+            raise InputError(str(err)) from None
 
     @property
     def has_safety_checker(self) -> bool:
@@ -255,11 +291,20 @@ class ImageGenerator:
         # milliseconds (about 6 ms for 2,000 characters), so this report is not threaded through to it.
         report = tokenize_prompt(self.pipeline.tokenizer, request.prompt, prompt_weighting=request.prompt_weighting)
         logger.info("Prompt tokens:\n%s", report)
+        lora = self.default_lora
+        if request.lora_weights:
+            lora = self._resolve_lora(request.lora_weights, name="lora_weights")
         pipe = self._assemble(checked)
         start = time.perf_counter()
-        output = self._run(pipe, checked)
+        try:
+            with lora_weights.apply_lora(pipe, lora, request.lora_scale) as cross_attention_kwargs:
+                if lora is not None:
+                    logger.info("LoRA %s (sha256 %s) at scale %g", lora.source, lora.sha256[:12], request.lora_scale)
+                output = self._run(pipe, checked, cross_attention_kwargs)
+        except lora_weights.LoraError as err:
+            raise InputError(str(err)) from None
         seconds = time.perf_counter() - start
-        result = self._collect(checked, output, seconds)
+        result = self._collect(checked, output, seconds, lora)
         result.token_report = report
         return result
 
@@ -278,7 +323,7 @@ class ImageGenerator:
         pipe.set_progress_bar_config(**getattr(self.pipeline, "_progress_bar_config", {}))
         return pipe
 
-    def _run(self, pipe, checked: ValidatedRequest):
+    def _run(self, pipe, checked: ValidatedRequest, cross_attention_kwargs: dict | None = None):
         request = checked.request
         # CPU generators: the starting noise for a seed is the same on every device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in checked.seeds]
@@ -291,6 +336,8 @@ class ImageGenerator:
             "generator": generators,
             "prompt_weighting": request.prompt_weighting,
         }
+        if cross_attention_kwargs is not None:  # only with a LoRA: the base model's call stays as it was
+            kwargs["cross_attention_kwargs"] = cross_attention_kwargs
         if checked.mode == "txt2img":
             kwargs |= {"width": request.width, "height": request.height}
         else:
@@ -309,7 +356,9 @@ class ImageGenerator:
             f"{request.height}: lower `num_outputs`, `width` or `height` and try again."
         )
 
-    def _collect(self, checked: ValidatedRequest, output, seconds: float) -> GenerationResult:
+    def _collect(
+        self, checked: ValidatedRequest, output, seconds: float, lora: lora_weights.LoraFile | None = None
+    ) -> GenerationResult:
         request = checked.request
         flags = output.nsfw_content_detected or [False] * len(output.images)
         kept, flagged = [], []
@@ -318,7 +367,8 @@ class ImageGenerator:
                 logger.warning("Image %d (seed %d) was flagged by the safety checker and is not returned.", index, seed)
                 flagged.append(seed)
                 continue
-            kept.append(GeneratedImage(image=image, seed=seed, index=index, metadata=self.metadata(request, seed)))
+            metadata = self.metadata(request, seed, lora)
+            kept.append(GeneratedImage(image=image, seed=seed, index=index, metadata=metadata))
         if not kept:
             raise NSFWError(
                 f"All {len(flagged)} image(s) were flagged as NSFW by the safety checker (seeds "
@@ -333,7 +383,9 @@ class ImageGenerator:
             inference_seconds=seconds,
         )
 
-    def metadata(self, request: GenerationRequest, seed: int) -> dict[str, str]:
+    def metadata(
+        self, request: GenerationRequest, seed: int, lora: lora_weights.LoraFile | None = None
+    ) -> dict[str, str]:
         """The settings embedded in an output file: enough to reproduce that one image."""
         settings = asdict(request)
         fields = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "width", "height")
@@ -343,6 +395,8 @@ class ImageGenerator:
         if request.image is not None:
             meta |= {"mode": "inpaint" if request.mask is not None else "img2img"}
             meta |= {"prompt_strength": str(request.prompt_strength)}
+        if lora is not None:  # its hash, not its URL (which may carry a signed token)
+            meta |= {"lora_sha256": lora.sha256, "lora_scale": str(request.lora_scale)}
         return meta
 
 

@@ -4,6 +4,8 @@
     python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
     python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
     python scripts/cog_local.py schema                             # print the OpenAPI schema
+    python scripts/cog_local.py serve --train --port 5001          # the trainer: POST /trainings
+    python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
 ``serve`` writes ``.cog/openapi_schema.json`` from the predictor with Cog's own inspection (what
 ``cog build`` would do; without it coglet validates no input) and starts coglet with this venv's
@@ -12,6 +14,11 @@ takes ``cog predict``'s ``-i key=value`` inputs (file inputs as ``@path`` or a p
 on a free port (or uses ``--url``), writes the output files into ``-o DIR`` and exits non-zero with
 the error when the prediction fails. Weights come from ``--weights`` (default ``$JSD_WEIGHTS`` or
 ``weights/``).
+
+``serve --train`` runs coglet in train mode (``--x-mode train``, ``COG_TRAIN_TYPE_STUB=train.py:train``)
+with the schema ``cog build`` writes for a model with both ``run:`` and ``train:`` (predict and train
+schemas merged, ``TrainingInput``/``TrainingOutput`` included). ``train`` runs one training the same way
+(``POST /trainings``) and writes the trained weights (the LoRA .tar) into ``-o DIR``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICTOR_REF = "predict.py:Predictor"
+TRAIN_REF = "train.py:train"
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"  # where coglet looks, relative to its working directory
 
 
@@ -383,6 +391,182 @@ def error_text(status: int, body: dict) -> str:
     return str(body.get("error") or body.get("detail") or body)
 
 
+# ---- trainings (train mode) -------------------------------------------------------------------------
+
+
+def _inspect_ref(ref: str):
+    """Cog's inspection (``cog._inspector``) of ``FILE.py:NAME``, a predictor class or a train function."""
+    from cog import _inspector
+
+    path, name = ref.split(":")
+    path = (REPO / path).resolve()
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # create_predictor imports the module by name
+    spec.loader.exec_module(module)
+    return _inspector.create_predictor(path.stem, name)
+
+
+def training_schema(train_ref: str = TRAIN_REF) -> dict:
+    """The train-mode OpenAPI document of cog's schema generator (``pkg/schema/openapi_spec.go``, ``isTrain``).
+
+    ``TrainingInput``/``TrainingOutput`` in place of ``Input``/``Output``, ``/trainings`` in place of
+    ``/predictions``; the fields come from Cog's inspection of ``train()`` as for the predictor.
+    """
+    info = _inspect_ref(train_ref)
+    inputs = _input_schema(info) | {"title": "TrainingInput"}
+    schemas = {"TrainingInput": inputs, "TrainingOutput": info.output.json_type() | {"title": "TrainingOutput"}}
+    schemas |= {
+        name: {"title": name, "description": "An enumeration.", "enum": field.choices}
+        | field.type.primitive.json_type()
+        for name, field in info.inputs.items()
+        if field.choices is not None
+    }
+    envelope = _envelope_schemas()
+    for kind in ("Request", "Response"):
+        body = json.loads(json.dumps(envelope[f"Prediction{kind}"]).replace('/Input"', '/TrainingInput"'))
+        body = json.loads(json.dumps(body).replace('/Output"', '/TrainingOutput"'))
+        schemas[f"Training{kind}"] = body | {"title": f"Training{kind}"}
+    schemas |= {name: envelope[name] for name in ("HTTPValidationError", "ValidationError")}
+    paths = json.loads(
+        json.dumps(_paths())
+        .replace("/predictions", "/trainings")
+        .replace("prediction_id", "training_id")
+        .replace("Prediction Id", "Training Id")
+        .replace("PredictionRequest", "TrainingRequest")
+        .replace("PredictionResponse", "TrainingResponse")
+        .replace("predict_predictions_post", "train_trainings_post")
+        .replace("cancel_predictions__", "cancel_trainings__")
+        .replace('"Predict"', '"Train"')
+        .replace("Run a single prediction on the model", "Run a single training on the model")
+    )
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Cog", "version": "0.1.0"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+
+
+def combined_schema(predictor_ref: str = PREDICTOR_REF, train_ref: str = TRAIN_REF) -> dict:
+    """What ``cog build`` writes for a model with ``run:`` and ``train:`` (cog's ``MergeSchemas``): the
+    predict schema, plus the train schema's paths and components it lacks."""
+    merged, train = openapi_schema(predictor_ref), training_schema(train_ref)
+    for key in ("paths",):
+        merged[key] |= {k: v for k, v in train[key].items() if k not in merged[key]}
+    schemas = merged["components"]["schemas"]
+    schemas |= {k: v for k, v in train["components"]["schemas"].items() if k not in schemas}
+    return merged
+
+
+def train_server_command(host: str = "127.0.0.1") -> list[str]:
+    return [*server_command(host), "--x-mode", "train"]
+
+
+def train_server_env(port: int, weights: str | os.PathLike, train_ref: str = TRAIN_REF) -> dict[str, str]:
+    """:func:`server_env` plus ``COG_TRAIN_TYPE_STUB`` (absolute), which coglet reads in train mode."""
+    path, name = train_ref.split(":")
+    return server_env(port, weights) | {"COG_TRAIN_TYPE_STUB": f"{(REPO / path).resolve()}:{name}"}
+
+
+@contextlib.contextmanager
+def running_train_server(
+    weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None, schema: dict | None = None
+):
+    """coglet in train mode on 127.0.0.1 (combined schema written first); yields ``(url, process)``; always stops it."""
+    port = port or free_port()
+    write_schema(workdir, schema=schema if schema is not None else combined_schema())
+    process = subprocess.Popen(
+        train_server_command(),
+        cwd=workdir,
+        env=train_server_env(port, weights),
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        stop_server(process)
+
+
+def post_training(url: str, inputs: dict, *, timeout: float | None = None) -> tuple[int, dict]:
+    """``POST /trainings`` (synchronous); returns the HTTP status and the JSON body. Every training request
+    goes through here (so a retry on 409, as for predictions, belongs here too)."""
+    data = json.dumps({"input": inputs}).encode()
+    request = urllib.request.Request(
+        f"{url}/trainings", data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except json.JSONDecodeError:
+            return err.code, {"detail": body.decode(errors="replace")}
+
+
+def parse_training_inputs(pairs: list[str], schema: dict) -> dict:
+    """``-i key=value`` typed by the schema's ``TrainingInput`` (file inputs become data URIs)."""
+    schemas = schema["components"]["schemas"]
+    return parse_inputs(pairs, {"components": {"schemas": schemas | {"Input": schemas["TrainingInput"]}}})
+
+
+def write_training_output(output: dict, folder: Path) -> list[Path]:
+    """Each file of a training's output object (``weights``) into ``folder/{key}{ext}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, uri in output.items():
+        header, _, payload = uri.partition(",")
+        mime = header.removeprefix("data:").split(";")[0]
+        ext = {"application/x-tar": ".tar"}.get(mime) or mimetypes.guess_extension(mime) or ""
+        path = folder / f"{key}{ext}"
+        path.write_bytes(base64.b64decode(payload))
+        paths.append(path)
+    return paths
+
+
+def cmd_train(args) -> int:
+    if args.url:
+        url = args.url.rstrip("/")
+        return _train_at(url, parse_training_inputs(args.input, fetch_schema(url)), args)
+    schema = combined_schema()  # built once: it imports the predictor and the trainer
+    inputs = parse_training_inputs(args.input, schema)
+    log_path = REPO / ".cog" / "coglet-train.log"
+    log_path.parent.mkdir(exist_ok=True)
+    print(f"Starting coglet in train mode (server log: {log_path})", file=sys.stderr)
+    with (
+        open(log_path, "wb") as log,
+        running_train_server(args.weights, workdir=REPO, log=log, schema=schema) as (url, process),
+    ):
+        state = wait_for_setup(url, process, args.setup_timeout)
+        if state["status"] != "READY":
+            print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
+            return 1
+        return _train_at(url, inputs, args)
+
+
+def _train_at(url: str, inputs: dict, args) -> int:
+    status, body = post_training(url, inputs)
+    if body.get("logs"):
+        print(body["logs"].rstrip(), file=sys.stderr)
+    if status != 200 or body.get("status") != "succeeded":
+        print(f"Training failed ({status} {body.get('status', '')}): {error_text(status, body)}", file=sys.stderr)
+        return 1
+    for path in write_training_output(body["output"], Path(args.output)):
+        print(path)
+    return 0
+
+
+def cmd_serve_train(args) -> int:
+    path = write_schema(REPO, schema=combined_schema())
+    print(f"Wrote {path}; training on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
+    os.chdir(REPO)
+    os.execve(sys.executable, train_server_command(args.host), train_server_env(args.port, args.weights))
+
+
 # ---- command line ---------------------------------------------------------------------------------
 
 
@@ -392,6 +576,8 @@ def cmd_schema(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.train:
+        return cmd_serve_train(args)
     path = write_schema(REPO)
     print(f"Wrote {path}; serving on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
     os.chdir(REPO)
@@ -444,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=5000)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--weights", default=weights, help="served checkpoint folder (default: %(default)s)")
+    serve.add_argument("--train", action="store_true", help="serve the trainer (POST /trainings) instead")
     serve.set_defaults(func=cmd_serve)
     predict = sub.add_parser("predict", help="run one prediction and write its files")
     predict.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
@@ -452,6 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--url", help="use a running server instead of starting one")
     predict.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for setup()")
     predict.set_defaults(func=cmd_predict)
+    train = sub.add_parser("train", help="run one training (LoRA) and write its weights .tar")
+    train.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("-o", "--output", default=".", metavar="DIR", help="folder for the weights .tar")
+    train.add_argument("--weights", default=weights, help="base checkpoint folder (default: %(default)s)")
+    train.add_argument("--url", help="use a running train-mode server instead of starting one")
+    train.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for the server")
+    train.set_defaults(func=cmd_train)
     sub.add_parser("schema", help="print the OpenAPI schema").set_defaults(func=cmd_schema)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -65,6 +65,15 @@ class CogServer:
                 return status, body
             time.sleep(0.05)
 
+    def train(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
+        """Synchronous ``POST /trainings`` (a train-mode server): (HTTP status, JSON body); 409 retried as above."""
+        deadline = time.monotonic() + wait_if_busy
+        while True:
+            status, body = cog_local.post_training(self.url, inputs, timeout=timeout)
+            if status != 409 or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.05)
+
     def request(self, method: str, path: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, dict]:
         """Any request; the body is JSON-decoded where possible (``{"raw": text}`` otherwise)."""
         data = None if body is None else json.dumps(body).encode()
@@ -89,16 +98,20 @@ def _json(raw: bytes) -> dict:
 
 
 @contextmanager
-def cog_server(weights: str | Path, *, setup_timeout: float = SETUP_TIMEOUT) -> Iterator[CogServer]:
+def cog_server(
+    weights: str | Path, *, setup_timeout: float = SETUP_TIMEOUT, train: bool = False
+) -> Iterator[CogServer]:
     """coglet serving ``predict.py:Predictor`` with ``JSD_WEIGHTS=weights`` on a free 127.0.0.1 port.
 
     Yields once health is READY or SETUP_FAILED (check ``server.status``); raises if neither comes
     within ``setup_timeout`` seconds. The server and its worker are killed on exit, always.
+    ``train``: coglet in train mode serving ``train.py:train`` (``POST /trainings``) instead.
     """
+    start = cog_local.running_train_server if train else cog_local.running_server
     with tempfile.TemporaryDirectory(prefix="jsd-cog-") as tmp:
         workdir = Path(tmp)
         log_path = workdir / "coglet.log"
-        with open(log_path, "wb") as log, cog_local.running_server(weights, workdir=workdir, log=log) as (url, proc):
+        with open(log_path, "wb") as log, start(weights, workdir=workdir, log=log) as (url, proc):
             try:
                 setup = cog_local.wait_for_setup(url, proc, setup_timeout)
             except (TimeoutError, RuntimeError) as err:

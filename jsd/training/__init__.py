@@ -1,11 +1,14 @@
-"""Fine-tuning Japanese Stable Diffusion: the two-stage recipe (``scripts/train.py`` is the entry point).
+"""Fine-tuning Japanese Stable Diffusion: the two-stage recipe (``scripts/train.py``) and LoRA (``train.py``).
 
 * :mod:`jsd.training.config` — ``TrainConfig`` (diffusers' flag names) and which modules each stage trains;
 * :mod:`jsd.training.data` — image folder + ``metadata.jsonl`` and WebDataset shards, as a resumable stream;
 * :mod:`jsd.training.step` — the noise-prediction loss with caption dropout;
 * :mod:`jsd.training.models` — loading, freezing per stage;
 * :mod:`jsd.training.checkpointing` — atomic checkpoints, ``latest``, pruning;
-* :mod:`jsd.training.trainer` — the accelerate loop and the export to the served layout.
+* :mod:`jsd.training.trainer` — the accelerate loop and the export to the served layout;
+* :mod:`jsd.training.lora` — the LoRA mode (``--lora_rank``): peft adapters, adapter-only checkpoints,
+  the LoRA export, and one training from a user's archive (the Cog trainer, ``train.py``);
+* :mod:`jsd.training.archive` — a user's .zip/.tar unpacked safely, with captions, into an image folder.
 """
 
 from jsd.training.config import TRAINED_MODULES, TrainConfig, parse_config

@@ -46,6 +46,14 @@ class TrainConfig:
         "'pretrained': start from the checkpoint's text encoder; 'scratch': re-initialise it (the paper's stage 1).",
         choices=("pretrained", "scratch"),
     )
+    # --- LoRA: adapters on the frozen model instead of whole modules (jsd.training.lora)
+    lora_rank: int | None = opt(
+        None,
+        "Train LoRA adapters of this rank (diffusers' --rank) on the UNet's attention instead of fine-tuning whole "
+        "modules (--stage is then ignored); the output is lora.safetensors + lora_kohya.safetensors.",
+        type=int,
+    )
+    train_text_encoder: bool = opt(False, "With --lora_rank: LoRA on the text encoder's attention too.")
     # --- data
     train_data_dir: str | None = opt(None, "Image folder with metadata.jsonl (file_name, text per line).")
     train_shards: list[str] = field(
@@ -102,6 +110,9 @@ class TrainConfig:
 
     @property
     def trained_modules(self) -> tuple[str, ...]:
+        """The modules that train: per stage, or those that carry LoRA adapters (``--lora_rank``)."""
+        if self.lora_rank is not None:
+            return ("unet", "text_encoder") if self.train_text_encoder else ("unet",)
         return TRAINED_MODULES[self.stage]
 
     @property
@@ -128,9 +139,15 @@ class TrainConfig:
             _require_positive(name, getattr(self, name))
         if self.resolution % 8:
             raise ValueError(f"`--resolution`={self.resolution} must be a multiple of 8 (the VAE downsamples by 8).")
-        for name in ("max_train_steps", "checkpoints_total_limit"):
+        for name in ("max_train_steps", "checkpoints_total_limit", "lora_rank"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
+        if self.train_text_encoder and self.lora_rank is None:
+            raise ValueError(
+                "`--train_text_encoder` needs `--lora_rank` (LoRA); full fine-tuning picks its modules by `--stage`."
+            )
+        if self.use_ema and self.lora_rank is not None:
+            raise ValueError("`--use_ema` is for full fine-tuning; LoRA (`--lora_rank`) keeps no moving average.")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"`--caption_dropout`={self.caption_dropout} must be within [0, 1].")
         if self.dataloader_num_workers < 0:

@@ -2,12 +2,15 @@
 
 ``train(config)`` runs either stage of the recipe (which modules train is decided in
 :data:`jsd.training.config.TRAINED_MODULES`), checkpoints every ``checkpointing_steps``, resumes
-exactly, and ends with the served layout (safetensors + manifest) in ``output_dir``.
+exactly, and ends with the served layout (safetensors + manifest) in ``output_dir``. With
+``--lora_rank`` it trains peft LoRA adapters instead (:mod:`jsd.training.lora`) and ends with
+``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` in ``output_dir``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from jsd.loading import load_components, resolve_checkpoint
 from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.training import checkpointing
+from jsd.training import lora as lora_training
 from jsd.training.config import TrainConfig
 from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
 from jsd.training.models import freeze_for_stage, load_training_components
@@ -47,6 +51,8 @@ RESUME_MUST_MATCH = (
     "tokenizer_name",
     "text_encoder_init",
     "mixed_precision",
+    "lora_rank",
+    "train_text_encoder",
 )
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -100,7 +106,16 @@ def train(config: TrainConfig) -> Path:
         source_folder = resolve_checkpoint(config.pretrained_model_name_or_path, revision=config.revision)
     components = load_training_components(source_folder, config)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-    trained = freeze_for_stage(components, config.trained_modules, device=accelerator.device, weight_dtype=weight_dtype)
+    if config.lora_rank is None:
+        trained = freeze_for_stage(
+            components, config.trained_modules, device=accelerator.device, weight_dtype=weight_dtype
+        )
+    else:  # everything frozen in the weight dtype; only the adapters train
+        freeze_for_stage(components, (), device=accelerator.device, weight_dtype=weight_dtype)
+        trained = lora_training.add_lora_adapters(
+            components, config.trained_modules, rank=config.lora_rank, seed=config.seed
+        )
+        lora_training.register_lora_checkpointing(accelerator, trained)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()
         components["text_encoder"].activation_checkpointing_enable()  # transformers 5's name
@@ -145,11 +160,15 @@ def train(config: TrainConfig) -> Path:
     loader = make_dataloader(stream, batch_size=config.train_batch_size, num_workers=config.dataloader_num_workers)
     run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps)
 
-    report_bad_records(accelerator, state, "at the end")
+    bad = report_bad_records(accelerator, state, "at the end")
     for name, ema in emas.items():
         ema.copy_to(accelerator.unwrap_model(trained[name]).parameters())
     final = full_modules(accelerator, trained)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and config.lora_rank is not None:
+        info = {"settings": dataclasses.asdict(config), "steps": state.step, "skipped": bad.state_dict()}
+        lora_training.export_lora(Path(config.output_dir), final, info)
+        logger.info("Saved the LoRA to %s", config.output_dir)
+    elif accelerator.is_main_process:
         export_served(
             source_folder,
             Path(config.output_dir),
@@ -215,7 +234,7 @@ def make_optimizer(trained: dict[str, torch.nn.Module], config: TrainConfig, num
     learning_rate = config.learning_rate
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
-    params = [p for module in trained.values() for p in module.parameters()]
+    params = trainable_parameters(trained)
     return torch.optim.AdamW(
         params,
         lr=learning_rate,
@@ -233,6 +252,11 @@ def make_emas(accelerator: Accelerator, trained: dict, config: TrainConfig) -> d
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)  # saved and restored by save_state/load_state
     return emas
+
+
+def trainable_parameters(trained: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """What the optimizer steps: whole modules, or only their LoRA adapters (the rest is frozen)."""
+    return [p for module in trained.values() for p in module.parameters() if p.requires_grad]
 
 
 def refuse_to_mix_runs(config: TrainConfig) -> None:
@@ -275,7 +299,7 @@ def check_same_run(saved: dict[str, str], now: dict[str, str], checkpoint: Path)
 
 def run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps):
     """Optimizer steps until ``max_steps``: loss, backward, clip, step, EMA, log, checkpoint."""
-    params = [p for module in trained.values() for p in module.parameters()]
+    params = trainable_parameters(trained)
     progress = tqdm(total=max_steps, initial=state.step, desc="Steps", disable=not accelerator.is_local_main_process)
     batches = iter(loader)
     step_loss = 0.0
@@ -333,11 +357,12 @@ def save(accelerator: Accelerator, config: TrainConfig, state: RunState) -> None
     report_bad_records(accelerator, state, f"by step {state.step}")
 
 
-def report_bad_records(accelerator: Accelerator, state: RunState, when: str) -> None:
-    """Sum the skipped records of all processes (a collective call) and log them."""
+def report_bad_records(accelerator: Accelerator, state: RunState, when: str) -> BadRecords:
+    """Sum the skipped records of all processes (a collective call), log them and return them."""
     merged = BadRecords.merged(gather_object([state.bad.state_dict()]))
     logger.info("Data %s: %s", when, merged.summary())
     accelerator.log({"bad_records": merged.total}, step=state.step)
+    return merged
 
 
 def full_modules(accelerator: Accelerator, trained: dict) -> dict[str, torch.nn.Module]:
