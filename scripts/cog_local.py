@@ -319,9 +319,9 @@ def post_json_with_retry(
     A 409 ("At capacity": another prediction or training holds the slot) is retried with exponential
     backoff (50 ms, doubled up to 2 s, plus up to 20 % jitter) for at most ``retry_for`` seconds in all,
     then returned. coglet answers a synchronous request a moment *before* it frees its slot, so a
-    request sent straight after a 200 can get a 409 even from a client that sends one at a time; Cog's
-    docs tell clients to retry with backoff. Every other status is returned at once. ``log`` receives
-    one line per retry (default: standard error).
+    request sent straight after a 200 can get a 409 even from a client that sends one at a time
+    (``scripts/repro_coglet.py``). A 409 has done no work, so sending the request again is safe. Every
+    other status is returned at once. ``log`` receives one line per retry (default: standard error).
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     deadline = time.monotonic() + retry_for
