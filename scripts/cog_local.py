@@ -427,9 +427,11 @@ def write_outputs(output, folder: Path) -> list[Path]:
 # "Prediction failed: Prediction failed: InputError: `prompt` contains ...". One "Prediction failed: "
 # comes from coglet-python (predictor.rs: format!("Prediction failed: {}", err)), the other from
 # coglet's PredictionError::Failed (#[error("Prediction failed: {0}")]), and "InputError: " from
-# pyo3's Display of a Python exception ("{type qualname}: {str(exc)}"). None of it is ours.
+# pyo3's Display of a Python exception ("{type qualname}: {str(exc)}"). None of it is ours. A failed
+# training reads "Prediction failed: Training failed: ValueError: ..." the same way.
 _COGLET_WRAPPING = re.compile(
-    r"^(?:(?:Async prediction|Prediction) failed: )+(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit): )?"
+    r"^(?:(?:Async prediction|Prediction|Async training|Training) failed: )+"
+    r"(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit): )?"
 )
 
 

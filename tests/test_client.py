@@ -123,6 +123,7 @@ def test_post_prediction_goes_through_the_retrying_function(monkeypatch):
         ),
         ("Async prediction failed: NSFWError: All 2 images were flagged.", "All 2 images were flagged."),
         ("Prediction failed: torch.OutOfMemoryError: CUDA out of memory.", "CUDA out of memory."),
+        ("Prediction failed: Training failed: ValueError: `steps` must be positive.", "`steps` must be positive."),
         ("`seed` must be an integer: got 'x'.", "`seed` must be an integer: got 'x'."),  # already clean
         ("Weights: the manifest lists 3 files.", "Weights: the manifest lists 3 files."),  # not a class name
     ],
