@@ -12,7 +12,8 @@
 ``bin/`` first on ``PATH`` (coglet starts its worker with the ``python`` found there). ``predict``
 takes ``cog predict``'s ``-i key=value`` inputs (file inputs as ``@path`` or a path), starts a server
 on a free port (or uses ``--url``), writes the output files into ``-o DIR`` and exits non-zero with
-the error when the prediction fails. Weights come from ``--weights`` (default ``$JSD_WEIGHTS`` or
+the error when the prediction fails. A 409 (server busy) is retried with a short backoff, at most
+10 s (:func:`post_json_with_retry`). Weights come from ``--weights`` (default ``$JSD_WEIGHTS`` or
 ``weights/``).
 
 ``serve --train`` runs coglet in train mode (``--x-mode train``, ``COG_TRAIN_TYPE_STUB=train.py:train``)
@@ -30,6 +31,8 @@ import importlib.util
 import json
 import mimetypes
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -305,21 +308,65 @@ def stop_server(process: subprocess.Popen, timeout: float = 10) -> None:
 # ---- predictions ----------------------------------------------------------------------------------
 
 
-def post_prediction(url: str, inputs: dict, *, timeout: float | None = None) -> tuple[int, dict]:
-    """``POST /predictions`` (synchronous); returns the HTTP status and the JSON body."""
-    data = json.dumps({"input": inputs}).encode()
+RETRY_FOR = 10.0  # seconds: the longest post_json_with_retry keeps retrying a 409, in all
+FIRST_BACKOFF = 0.05  # seconds before the first retry; doubled after each, up to MAX_BACKOFF
+MAX_BACKOFF = 2.0
+
+
+def post_json_with_retry(
+    url: str,
+    path: str,
+    body: dict,
+    timeout: float | None = None,
+    *,
+    retry_for: float = RETRY_FOR,
+    log=None,
+) -> tuple[int, dict]:
+    """``POST url+path`` with a JSON body; returns the HTTP status and the JSON answer.
+
+    A 409 ("At capacity": another prediction or training holds the slot) is retried with exponential
+    backoff (50 ms, doubled up to 2 s, plus up to 20 % jitter) for at most ``retry_for`` seconds in all,
+    then returned. coglet answers a synchronous request a moment *before* it frees its slot, so a
+    request sent straight after a 200 can get a 409 even from a client that sends one at a time
+    (``scripts/repro_coglet.py``). A 409 has done no work, so sending the request again is safe. Every
+    other status is returned at once. ``log`` receives one line per retry (default: standard error).
+    """
+    log = log or (lambda line: print(line, file=sys.stderr))
+    deadline = time.monotonic() + retry_for
+    backoff = FIRST_BACKOFF
+    attempt = 0
+    while True:
+        status, answer = _post_json(f"{url}{path}", body, timeout)
+        left = deadline - time.monotonic()
+        if status != 409 or left <= 0:
+            return status, answer
+        attempt += 1
+        wait = min(backoff * (1 + 0.2 * random.random()), left)
+        log(f"{path}: 409 ({answer.get('error') or answer.get('detail') or 'busy'}); retry {attempt} in {wait:.2f} s")
+        time.sleep(wait)
+        backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def _post_json(url: str, body: dict, timeout: float | None) -> tuple[int, dict]:
     request = urllib.request.Request(
-        f"{url}/predictions", data=data, headers={"Content-Type": "application/json"}, method="POST"
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
-        body = err.read()
+        raw = err.read()
         try:
-            return err.code, json.loads(body)
+            return err.code, json.loads(raw)
         except json.JSONDecodeError:
-            return err.code, {"detail": body.decode(errors="replace")}
+            return err.code, {"detail": raw.decode(errors="replace")}
+
+
+def post_prediction(
+    url: str, inputs: dict, *, timeout: float | None = None, retry_for: float = RETRY_FOR
+) -> tuple[int, dict]:
+    """``POST /predictions`` (synchronous), a 409 retried for up to ``retry_for`` s; (HTTP status, JSON body)."""
+    return post_json_with_retry(url, "/predictions", {"input": inputs}, timeout, retry_for=retry_for)
 
 
 def parse_inputs(pairs: list[str], schema: dict) -> dict:
@@ -384,11 +431,34 @@ def write_outputs(output, folder: Path) -> list[Path]:
     return paths
 
 
+# coglet 0.23 wraps the message of an exception raised by run() twice, and adds its class:
+# "Prediction failed: Prediction failed: InputError: `prompt` contains ...". One "Prediction failed: "
+# comes from coglet-python (predictor.rs: format!("Prediction failed: {}", err)), the other from
+# coglet's PredictionError::Failed (#[error("Prediction failed: {0}")]), and "InputError: " from
+# pyo3's Display of a Python exception ("{type qualname}: {str(exc)}"). None of it is ours. A failed
+# training reads "Prediction failed: Training failed: ValueError: ..." the same way.
+_COGLET_WRAPPING = re.compile(
+    r"^(?:(?:Async prediction|Prediction|Async training|Training) failed: )+"
+    r"(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit): )?"
+)
+
+
+def clean_error(text: str) -> str:
+    """The message a failed prediction's ``error`` carries, without coglet's wrapping (see above).
+
+    ``clean_error("Prediction failed: Prediction failed: InputError: `mask` was given without `image`: ...")``
+    is ``"`mask` was given without `image`: ..."``; a text without that wrapping comes back unchanged.
+    """
+    return _COGLET_WRAPPING.sub("", text, count=1)
+
+
 def error_text(status: int, body: dict) -> str:
-    """What went wrong, from a 422 (``detail[].loc/msg``) or a failed prediction (``error``)."""
+    """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body."""
     if status == 422 and isinstance(body.get("detail"), list):
         return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
-    return str(body.get("error") or body.get("detail") or body)
+    if body.get("error"):
+        return clean_error(str(body["error"]))
+    return str(body.get("detail") or body)
 
 
 # ---- trainings (train mode) -------------------------------------------------------------------------
@@ -614,8 +684,12 @@ def _predict_at(url: str, inputs: dict, args) -> int:
     status, body = post_prediction(url, inputs)
     if body.get("logs"):
         print(body["logs"].rstrip(), file=sys.stderr)
-    if status != 200 or body.get("status") != "succeeded":
-        print(f"Prediction failed ({status} {body.get('status', '')}): {error_text(status, body)}", file=sys.stderr)
+    if status == 200 and body.get("status") != "succeeded":
+        print(f"Prediction {body.get('status')}: {error_text(status, body)}", file=sys.stderr)
+        return 1
+    if status != 200:
+        what = "Invalid input" if status == 422 else f"The server answered HTTP {status}"
+        print(f"{what}: {error_text(status, body)}", file=sys.stderr)
         return 1
     for path in write_outputs(body["output"], Path(args.output)):
         print(path)

@@ -56,14 +56,10 @@ class CogServer:
         """Synchronous ``POST /predictions``: (HTTP status, JSON body).
 
         coglet answers a prediction a moment before it frees its slot, so a request sent right after
-        another can get 409; it is retried for up to ``wait_if_busy`` seconds (0: return the 409).
+        another can get 409; like any client of ours (``cog_local.post_json_with_retry``), it is retried
+        for up to ``wait_if_busy`` seconds (0: return the 409).
         """
-        deadline = time.monotonic() + wait_if_busy
-        while True:
-            status, body = cog_local.post_prediction(self.url, inputs, timeout=timeout)
-            if status != 409 or time.monotonic() > deadline:
-                return status, body
-            time.sleep(0.05)
+        return cog_local.post_prediction(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
     def train(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
         """Synchronous ``POST /trainings`` (a train-mode server): (HTTP status, JSON body); 409 retried as above."""
