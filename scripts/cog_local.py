@@ -560,22 +560,11 @@ def running_train_server(
         stop_server(process)
 
 
-def post_training(url: str, inputs: dict, *, timeout: float | None = None) -> tuple[int, dict]:
-    """``POST /trainings`` (synchronous); returns the HTTP status and the JSON body. Every training request
-    goes through here (so a retry on 409, as for predictions, belongs here too)."""
-    data = json.dumps({"input": inputs}).encode()
-    request = urllib.request.Request(
-        f"{url}/trainings", data=data, headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        body = err.read()
-        try:
-            return err.code, json.loads(body)
-        except json.JSONDecodeError:
-            return err.code, {"detail": body.decode(errors="replace")}
+def post_training(
+    url: str, inputs: dict, *, timeout: float | None = None, retry_for: float = RETRY_FOR
+) -> tuple[int, dict]:
+    """``POST /trainings`` (synchronous), a 409 retried for up to ``retry_for`` s; (HTTP status, JSON body)."""
+    return post_json_with_retry(url, "/trainings", {"input": inputs}, timeout, retry_for=retry_for)
 
 
 def parse_training_inputs(pairs: list[str], schema: dict) -> dict:

@@ -63,12 +63,7 @@ class CogServer:
 
     def train(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
         """Synchronous ``POST /trainings`` (a train-mode server): (HTTP status, JSON body); 409 retried as above."""
-        deadline = time.monotonic() + wait_if_busy
-        while True:
-            status, body = cog_local.post_training(self.url, inputs, timeout=timeout)
-            if status != 409 or time.monotonic() > deadline:
-                return status, body
-            time.sleep(0.05)
+        return cog_local.post_training(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
     def request(self, method: str, path: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, dict]:
         """Any request; the body is JSON-decoded where possible (``{"raw": text}`` otherwise)."""
