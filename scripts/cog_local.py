@@ -270,18 +270,30 @@ def wait_for_setup(url: str, process: subprocess.Popen | None, timeout: float) -
 
 @contextlib.contextmanager
 def running_server(
-    weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None, schema: dict | None = None
+    weights: str | os.PathLike,
+    *,
+    workdir: Path,
+    port: int | None = None,
+    log=None,
+    schema: dict | None = None,
+    train: bool = False,
 ):
     """Start coglet on 127.0.0.1 (schema written first); yields ``(url, process)``; always stops it.
 
-    ``schema``: the predictor's OpenAPI schema when the caller already built it (else built here).
+    ``schema``: the OpenAPI schema when the caller already built it (else built here: the predictor's, or
+    with ``train`` the combined predictor + trainer schema). ``train``: coglet in train mode (``/trainings``).
     """
     port = port or free_port()
-    write_schema(workdir, schema=schema)
+    if train:
+        write_schema(workdir, schema=schema if schema is not None else combined_schema())
+        command, env = train_server_command(), train_server_env(port, weights)
+    else:
+        write_schema(workdir, schema=schema)
+        command, env = server_command(), server_env(port, weights)
     process = subprocess.Popen(
-        server_command(),
+        command,
         cwd=workdir,
-        env=server_env(port, weights),
+        env=env,
         stdout=log or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stopping it also stops its worker
@@ -539,27 +551,6 @@ def train_server_env(port: int, weights: str | os.PathLike, train_ref: str = TRA
     return server_env(port, weights) | {"COG_TRAIN_TYPE_STUB": f"{(REPO / path).resolve()}:{name}"}
 
 
-@contextlib.contextmanager
-def running_train_server(
-    weights: str | os.PathLike, *, workdir: Path, port: int | None = None, log=None, schema: dict | None = None
-):
-    """coglet in train mode on 127.0.0.1 (combined schema written first); yields ``(url, process)``; always stops it."""
-    port = port or free_port()
-    write_schema(workdir, schema=schema if schema is not None else combined_schema())
-    process = subprocess.Popen(
-        train_server_command(),
-        cwd=workdir,
-        env=train_server_env(port, weights),
-        stdout=log or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        stop_server(process)
-
-
 def post_training(
     url: str, inputs: dict, *, timeout: float | None = None, retry_for: float = RETRY_FOR
 ) -> tuple[int, dict]:
@@ -593,18 +584,7 @@ def cmd_train(args) -> int:
         return _train_at(url, parse_training_inputs(args.input, fetch_schema(url)), args)
     schema = combined_schema()  # built once: it imports the predictor and the trainer
     inputs = parse_training_inputs(args.input, schema)
-    log_path = REPO / ".cog" / "coglet-train.log"
-    log_path.parent.mkdir(exist_ok=True)
-    print(f"Starting coglet in train mode (server log: {log_path})", file=sys.stderr)
-    with (
-        open(log_path, "wb") as log,
-        running_train_server(args.weights, workdir=REPO, log=log, schema=schema) as (url, process),
-    ):
-        state = wait_for_setup(url, process, args.setup_timeout)
-        if state["status"] != "READY":
-            print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
-            return 1
-        return _train_at(url, inputs, args)
+    return _at_local_server(args, schema, train=True, then=lambda url: _train_at(url, inputs, args))
 
 
 def _train_at(url: str, inputs: dict, args) -> int:
@@ -655,18 +635,24 @@ def cmd_predict(args) -> int:
         return _predict_at(url, parse_inputs(args.input, fetch_schema(url)), args)
     schema = openapi_schema()  # built once: it imports the predictor, torch and diffusers
     inputs = parse_inputs(args.input, schema)
-    log_path = REPO / ".cog" / "coglet.log"
+    return _at_local_server(args, schema, train=False, then=lambda url: _predict_at(url, inputs, args))
+
+
+def _at_local_server(args, schema: dict, *, train: bool, then) -> int:
+    """Start coglet on 127.0.0.1 (log in .cog/), wait for setup, return ``then(url)``; the server always stops."""
+    log_path = REPO / ".cog" / ("coglet-train.log" if train else "coglet.log")
     log_path.parent.mkdir(exist_ok=True)
-    print(f"Starting coglet (setup can take a minute; server log: {log_path})", file=sys.stderr)
+    mode = " in train mode" if train else ""
+    print(f"Starting coglet{mode} (setup can take a minute; server log: {log_path})", file=sys.stderr)
     with (
         open(log_path, "wb") as log,
-        running_server(args.weights, workdir=REPO, log=log, schema=schema) as (url, process),
+        running_server(args.weights, workdir=REPO, log=log, schema=schema, train=train) as (url, process),
     ):
         state = wait_for_setup(url, process, args.setup_timeout)
         if state["status"] != "READY":
             print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
             return 1
-        return _predict_at(url, inputs, args)
+        return then(url)
 
 
 def _predict_at(url: str, inputs: dict, args) -> int:

@@ -98,11 +98,13 @@ def cog_server(
     within ``setup_timeout`` seconds. The server and its worker are killed on exit, always.
     ``train``: coglet in train mode serving ``train.py:train`` (``POST /trainings``) instead.
     """
-    start = cog_local.running_train_server if train else cog_local.running_server
     with tempfile.TemporaryDirectory(prefix="jsd-cog-") as tmp:
         workdir = Path(tmp)
         log_path = workdir / "coglet.log"
-        with open(log_path, "wb") as log, start(weights, workdir=workdir, log=log) as (url, proc):
+        with (
+            open(log_path, "wb") as log,
+            cog_local.running_server(weights, workdir=workdir, log=log, train=train) as (url, proc),
+        ):
             try:
                 setup = cog_local.wait_for_setup(url, proc, setup_timeout)
             except (TimeoutError, RuntimeError) as err:
