@@ -34,7 +34,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_LIMIT = 10.0  # seconds `docker stop` may take: Docker's own grace period before SIGKILL
-ALTERED_FILE = "weights/unet/diffusion_pytorch_model.safetensors"  # truncated in the altered-weights check
+ALTERED_FILE = "weights/unet/diffusion_pytorch_model.safetensors"  # altered in the altered-weights check
 FAST = {"width": 128, "height": 128, "num_inference_steps": 2}
 # The largest request the server accepts (pixel budget, step cap): still denoising when `docker stop` comes.
 LONG = {"width": 768, "height": 768, "num_outputs": 4, "num_inference_steps": 100}
@@ -294,15 +294,18 @@ def check_stop(docker: Docker, url: str, container: Container) -> str:
 
 
 def check_altered_weights(docker: Docker, container: Container, timeout: float, original: Path) -> str:
-    """Cut a weights file of the created container in half (keeping the original): setup must fail and name it."""
+    """Alter the last bytes of a weights file in the created container (same size, still a loadable safetensors
+    file: only the manifest's checksums can tell): setup must fail and name the file. The original is kept."""
     docker("cp", f"{container.name}:/src/{ALTERED_FILE}", str(original))
     altered = original.with_name(Path(ALTERED_FILE).name)
-    altered.write_bytes(original.read_bytes()[: original.stat().st_size // 2])
+    data = bytearray(original.read_bytes())
+    data[-16:] = bytes(byte ^ 0xFF for byte in data[-16:])  # tensor data (the header is at the start)
+    altered.write_bytes(data)
     docker("cp", str(altered), f"{container.name}:/src/{ALTERED_FILE}")
     container.start()
     state = wait_for_setup_inside(container, timeout)
     logs = state.get("setup", {}).get("logs", "")
-    assert state["status"] == "SETUP_FAILED", f"health is {state['status']} with {ALTERED_FILE} cut in half"
+    assert state["status"] == "SETUP_FAILED", f"health is {state['status']} with 16 bytes of {ALTERED_FILE} altered"
     named = ALTERED_FILE.removeprefix("weights/")
     assert named in logs, f"the setup error does not name {named}: {logs[-600:]}"
     error = re.findall(rf"\w*Error: [^\n]*{re.escape(named)}[^\n]*", logs)
@@ -382,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     docker("image", "inspect", args.image)  # a missing image fails here, with docker's message
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jsd-checks-") as tmp:
-        report = run_checks(docker, args.image, args.setup_timeout, Path(tmp))
+        try:
+            report = run_checks(docker, args.image, args.setup_timeout, Path(tmp))
+        except Exception as err:  # e.g. a container that cannot even be created: the checks cannot go on
+            print(f"FAIL  container checks: stopped early, {err}", flush=True)
+            return 1
     elapsed = time.monotonic() - started
     if report.failures:
         print(f"{len(report.failures)} container check(s) failed in {elapsed:.0f} s: {', '.join(report.failures)}")
