@@ -37,7 +37,7 @@ ARG WHEELHOUSE=scratch
 
 FROM ${WHEELHOUSE} AS wheelhouse
 
-# ---- Python, tini, the pinned packages and cog: what no code change invalidates ----------------------------
+# ---- Python, tini, the pinned packages and cog: only requirements.txt or cog.yaml changes rebuild this -----
 FROM ${BASE_IMAGE} AS runtime
 ARG PYTHON_VERSION=3.11
 ARG TORCH_INDEX_URL=
