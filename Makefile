@@ -20,6 +20,12 @@ demo: venv
 test: venv lint
 	$(PY) -m pytest -q
 
+# Builds the CPU image jsd:cpu offline from the root Dockerfile (tiny checkpoint baked in) and checks the running
+# container; starts (and stops) a Docker daemon when none runs. See docs/container.md.
+.PHONY: container-test
+container-test: venv
+	scripts/container_test.sh
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -280,10 +280,13 @@ def test_dockerignore_lets_in_only_what_the_image_serves():
         "weights/unet/diffusion_pytorch_model.safetensors",
         ".cog/openapi_schema.json",
         ".cog/tmp/build20260101/cog-0.16.0-py3-none-any.whl",
+        "train.py",  # cog.yaml `train:`
+        "scripts/cog_local.py",  # the root Dockerfile writes the schema with it (and leaves it out of the image)
     ]
     kept_out = [
         "tests/test_predict.py",
         "scripts/train.py",
+        "scripts/push.sh",
         "README.md",
         "out/stage2/checkpoint-500/optimizer.bin",
         "runs/stage1/checkpoint-1000/model.safetensors",

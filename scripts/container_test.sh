@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# `make container-test`: build the image from the root Dockerfile, CPU variant, offline, with a tiny seeded
+# checkpoint baked in, tag it jsd:cpu, and check the running container (scripts/container_checks.py).
+#
+#   scripts/container_test.sh
+#
+# 1. Docker: the running daemon, or else `dockerd --storage-driver=vfs --iptables=false --ip-masq=false
+#    --bridge=none` started here (Debian's docker.io installed first when missing) and stopped at the end.
+#    A daemon that cannot start is a failure, with its log; never a skip.
+# 2. Base image: Debian bookworm minbase with Python 3.11, venv and tini, from debootstrap (its root file
+#    system is cached in $JSD_CONTAINER_CACHE, so later runs skip it), imported as a temporary image.
+# 3. Wheelhouse: `pip download` on this host of requirements.txt and cog (cog.yaml's build.sdk_version), the
+#    CPU torch included, imported as a temporary image: the build runs with --network none.
+# 4. Build context: the repository's files (git ls-files) plus a tiny checkpoint in weights/ (rinna's
+#    tokenizer from $JSD_SHARED when it is there). The weights/ of this checkout is never read or touched.
+# 5. `docker build` → jsd:cpu; a previous jsd:cpu is replaced.
+# 6. The container checks, one PASS/FAIL line each; the exit status is theirs.
+# It leaves one image, jsd:cpu: the temporary images, the check containers and dangling build cache go.
+#
+# Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default /usr/bin/docker when there,
+# the daemon's own client: its BuildKit needs no buildx plugin); JSD_SHARED (default ../shared);
+# JSD_CONTAINER_CACHE (default build/container: logs, the base root file system); JSD_SETUP_TIMEOUT
+# (seconds each container may take to set up, default 300).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+python="${PYTHON:-.venv/bin/python}"
+cache="${JSD_CONTAINER_CACHE:-build/container}"
+shared="${JSD_SHARED:-../shared}"
+image="jsd:cpu"
+base_image="jsd-container-test/base:bookworm"
+wheelhouse_image="jsd-container-test/wheelhouse:latest"
+base_packages="python3,python3-venv,ca-certificates,tini"
+
+log() { printf '==> %s\n' "$*" >&2; }
+fail() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+since() { echo $(($(date +%s) - $1)); }
+show_log() { tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2; }
+
+started=$(date +%s)
+started_dockerd=""
+workdir=""
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    if [ -n "${DOCKER:-}" ] && "$DOCKER" info > /dev/null 2>&1; then
+        "$DOCKER" rmi "$base_image" "$wheelhouse_image" > /dev/null 2>&1 || true
+        "$DOCKER" builder prune --force > /dev/null 2>&1 || true
+    fi
+    if [ -n "$workdir" ]; then rm -rf "$workdir"; fi
+    if [ -n "$started_dockerd" ]; then
+        log "stopping the dockerd this script started (pid $started_dockerd)"
+        kill "$started_dockerd" 2> /dev/null || true
+        for _ in $(seq 60); do
+            kill -0 "$started_dockerd" 2> /dev/null || break
+            sleep 0.5
+        done
+        if kill -0 "$started_dockerd" 2> /dev/null; then
+            log "dockerd (pid $started_dockerd) did not stop within 30 s: killing it"
+            kill -9 "$started_dockerd" 2> /dev/null || true
+        fi
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$cache"
+workdir="$(mktemp -d "${TMPDIR:-/tmp}/jsd-container-test.XXXXXX")"
+[ -x "$python" ] || fail "no Python at $python: run 'make venv' (or set PYTHON)"
+git rev-parse --show-toplevel > /dev/null 2>&1 || fail "the build context comes from git ls-files: run this in a git checkout"
+
+# Debian packages for the commands named, when missing (needs root: apt-get).
+install_missing() {
+    local packages=()
+    for cmd in "$@"; do
+        if ! command -v "$cmd" > /dev/null; then
+            case "$cmd" in dockerd) packages+=(docker.io) ;; *) packages+=("$cmd") ;; esac
+        fi
+    done
+    [ ${#packages[@]} -gt 0 ] || return 0
+    [ "$(id -u)" = 0 ] || fail "${packages[*]} missing, and installing them needs root: apt-get install ${packages[*]}"
+    log "installing ${packages[*]} (apt-get)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"; } \
+        > "$cache/apt.log" 2>&1; then
+        show_log "$cache/apt.log"
+        fail "apt-get install ${packages[*]} failed (log: $cache/apt.log)"
+    fi
+}
+
+pick_docker() {
+    if [ -z "${DOCKER:-}" ]; then
+        if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER="$(command -v docker || true)"; fi
+    fi
+}
+
+# ---- 1. the Docker daemon ---------------------------------------------------------------------------------
+step=$(date +%s)
+pick_docker
+if [ -n "${DOCKER:-}" ] && "$DOCKER" info > /dev/null 2>&1; then
+    log "using the running Docker daemon ($DOCKER)"
+else
+    install_missing dockerd
+    pick_docker
+    [ -n "${DOCKER:-}" ] || fail "no docker CLI after installing docker.io"
+    log "starting dockerd (vfs storage, no bridge network; log: $cache/dockerd.log)"
+    dockerd --storage-driver=vfs --iptables=false --ip-masq=false --bridge=none > "$cache/dockerd.log" 2>&1 &
+    started_dockerd=$!
+    for _ in $(seq 120); do
+        "$DOCKER" info > /dev/null 2>&1 && break
+        if ! kill -0 "$started_dockerd" 2> /dev/null; then
+            started_dockerd=""
+            show_log "$cache/dockerd.log" 15
+            fail "dockerd exited before it answered (log above, in full: $cache/dockerd.log)"
+        fi
+        sleep 0.5
+    done
+    "$DOCKER" info > /dev/null 2>&1 || {
+        show_log "$cache/dockerd.log" 15
+        fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
+    }
+fi
+export DOCKER
+# Leftovers of an interrupted earlier run.
+leftovers="$("$DOCKER" ps --all --quiet --filter name=jsd-check-)"
+if [ -n "$leftovers" ]; then
+    # shellcheck disable=SC2086  # one id per word
+    "$DOCKER" rm --force $leftovers > /dev/null
+fi
+"$DOCKER" rmi "$base_image" "$wheelhouse_image" > /dev/null 2>&1 || true
+log "docker ready in $(since "$step") s: $("$DOCKER" version --format 'client {{.Client.Version}}, server {{.Server.Version}}')"
+
+# ---- 2. the base image -------------------------------------------------------------------------------------
+step=$(date +%s)
+base_tar="$cache/base-bookworm-minbase-$(echo "$base_packages" | sha256sum | cut -c1-12).tar"
+if [ ! -f "$base_tar" ]; then
+    install_missing debootstrap
+    log "debootstrap bookworm minbase with $base_packages (about 1.5 min; log: $cache/debootstrap.log)"
+    if ! debootstrap --variant=minbase --include="$base_packages" bookworm "$workdir/rootfs" \
+        > "$cache/debootstrap.log" 2>&1; then
+        show_log "$cache/debootstrap.log"
+        fail "debootstrap failed (log: $cache/debootstrap.log)"
+    fi
+    tar -C "$workdir/rootfs" -cf "$base_tar.tmp" .
+    mv "$base_tar.tmp" "$base_tar"
+    rm -rf "$workdir/rootfs"
+fi
+"$DOCKER" import "$base_tar" "$base_image" > /dev/null
+log "base image $base_image in $(since "$step") s (root file system: $base_tar)"
+
+# ---- 3. the wheelhouse -------------------------------------------------------------------------------------
+step=$(date +%s)
+# The same expression the Dockerfile reads cog's version with.
+cog_version="$(sed -n 's/^ *sdk_version: *"\{0,1\}\([^"# ]*\)"\{0,1\}.*$/\1/p' cog.yaml)"
+[ -n "$cog_version" ] || fail "cog.yaml has no build.sdk_version (the cog version the image installs)"
+if ! "$python" -m pip download --disable-pip-version-check --only-binary=:all: -d "$workdir/wheelhouse" \
+    -r requirements.txt "cog==$cog_version" > "$cache/pip-download.log" 2>&1; then
+    show_log "$cache/pip-download.log"
+    fail "pip download failed (log: $cache/pip-download.log)"
+fi
+torch_wheel="$(cd "$workdir/wheelhouse" && ls torch-*.whl)"
+case "$torch_wheel" in
+    *+cpu*) ;;
+    *) fail "pip downloaded $torch_wheel, not torch's CPU build (it would pull GBs of CUDA wheels): let pip see" \
+        "https://download.pytorch.org/whl/cpu (PIP_EXTRA_INDEX_URL) or a folder holding the CPU wheel (PIP_FIND_LINKS)" ;;
+esac
+tar -C "$workdir/wheelhouse" -c . | "$DOCKER" import - "$wheelhouse_image" > /dev/null
+log "wheelhouse $wheelhouse_image in $(since "$step") s: $(find "$workdir/wheelhouse" -name '*.whl' | wc -l) wheels" \
+    "($(du -sh "$workdir/wheelhouse" | cut -f1)), $torch_wheel, cog $cog_version"
+
+# ---- 4. the build context with a tiny checkpoint -----------------------------------------------------------
+step=$(date +%s)
+mkdir "$workdir/context"
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - 2> /dev/null | tar -xf - -C "$workdir/context"
+tokenizer="$shared/data/tokenizer/google_sp.model"
+tokenizer_args=()
+if [ -f "$tokenizer" ]; then
+    tokenizer_args=(--tokenizer "$tokenizer")
+else
+    log "rinna's tokenizer is not at $tokenizer: the tiny checkpoint trains its own"
+fi
+if ! "$python" scripts/make_tiny_weights.py "$workdir/context/weights" ${tokenizer_args[@]+"${tokenizer_args[@]}"} \
+    > "$cache/tiny-weights.log" 2>&1; then
+    show_log "$cache/tiny-weights.log"
+    fail "scripts/make_tiny_weights.py failed (log: $cache/tiny-weights.log)"
+fi
+log "build context with a tiny checkpoint in $(since "$step") s"
+
+# ---- 5. the image ------------------------------------------------------------------------------------------
+step=$(date +%s)
+previous="$("$DOCKER" image inspect --format '{{.Id}}' "$image" 2> /dev/null || true)"
+log "docker build → $image (CPU base, offline; log: $cache/build.log)"
+if ! DOCKER_BUILDKIT=1 "$DOCKER" build --network none --progress plain \
+    --build-arg BASE_IMAGE="$base_image" --build-arg WHEELHOUSE="$wheelhouse_image" \
+    --tag "$image" "$workdir/context" > "$cache/build.log" 2>&1; then
+    show_log "$cache/build.log" 40
+    fail "docker build failed (log: $cache/build.log)"
+fi
+build_seconds=$(since "$step")
+current="$("$DOCKER" image inspect --format '{{.Id}}' "$image")"
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    "$DOCKER" rmi "$previous" > /dev/null 2>&1 || log "could not remove the previous $image ($previous): still in use?"
+fi
+"$DOCKER" rmi "$base_image" "$wheelhouse_image" > /dev/null
+"$DOCKER" builder prune --force > /dev/null
+size="$("$DOCKER" image inspect --format '{{.Size}}' "$image")"
+log "built $image in $build_seconds s: $((size / 1000000)) MB"
+
+# ---- 6. the checks -----------------------------------------------------------------------------------------
+step=$(date +%s)
+checks=0
+"$python" scripts/container_checks.py --image "$image" --docker "$DOCKER" \
+    --setup-timeout "${JSD_SETUP_TIMEOUT:-300}" || checks=$?
+log "checks in $(since "$step") s; docker build $build_seconds s; container-test in total $(since "$started") s"
+exit "$checks"
