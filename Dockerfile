@@ -118,6 +118,7 @@ FROM runtime
 COPY --from=context /weights /src/weights
 WORKDIR /src
 EXPOSE 5000
-ENV COG_PREDICT_TYPE_STUB="predict.py:Predictor"
+ENV COG_PREDICT_TYPE_STUB="predict.py:Predictor" \
+    COG_TRAIN_TYPE_STUB="train.py:train"
 CMD ["python", "-m", "cog.server.http"]
 COPY --from=context /src /src

@@ -609,8 +609,21 @@ def cmd_serve_train(args) -> int:
 # ---- command line ---------------------------------------------------------------------------------
 
 
+def cog_yaml_train_ref(cog_yaml: Path = REPO / "cog.yaml") -> str | None:
+    """cog.yaml's ``train:`` reference (``train.py:train``), or None when the model has no trainer."""
+    match = re.search(r"""^train:\s*["']?([^"'\s#]+)""", cog_yaml.read_text(), flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def build_schema() -> dict:
+    """The schema ``cog build`` bakes into the image: the predictor's, merged with the trainer's when cog.yaml
+    has ``train:`` (cog's ``MergeSchemas``), so the same image also serves ``--x-mode train`` on Replicate."""
+    train_ref = cog_yaml_train_ref()
+    return combined_schema(train_ref=train_ref) if train_ref else openapi_schema()
+
+
 def cmd_schema(args) -> int:
-    print(json.dumps(openapi_schema(), indent=2, ensure_ascii=False))
+    print(json.dumps(build_schema(), indent=2, ensure_ascii=False))
     return 0
 
 
