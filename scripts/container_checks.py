@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,12 +78,20 @@ def _text(data: bytes | str) -> str:
 class Container:
     """One container of the image under test; ``poll()``/``returncode`` let cog_local.wait_for_setup watch it."""
 
-    def __init__(self, docker: Docker, image: str, *, network: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        docker: Docker,
+        image: str,
+        *,
+        network: str,
+        env: dict[str, str] | None = None,
+        command: tuple[str, ...] = (),
+    ):
         self.docker = docker
         self.name = f"jsd-check-{uuid.uuid4().hex[:8]}"
         env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
         started = time.monotonic()
-        docker("create", "--name", self.name, f"--network={network}", *env_args, image)
+        docker("create", "--name", self.name, f"--network={network}", *env_args, image, *command)
         self.create_seconds = time.monotonic() - started
         self.started_at: float | None = None
         self.returncode: int | None = None
@@ -162,13 +171,8 @@ class Report:
 
 
 def predict(url: str, inputs: dict, *, wait_if_busy: float = 10, timeout: float = 300) -> tuple[int, dict]:
-    """cog_local.post_prediction, retried while coglet still frees the previous prediction's slot (409)."""
-    deadline = time.monotonic() + wait_if_busy
-    while True:
-        status, body = cog_local.post_prediction(url, inputs, timeout=timeout)
-        if status != 409 or time.monotonic() > deadline:
-            return status, body
-        time.sleep(0.1)
+    """cog_local.post_prediction: a 409 (coglet still freeing the previous prediction's slot) is retried."""
+    return cog_local.post_prediction(url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
 
 def decoded_images(body: dict) -> list[Image.Image]:
@@ -257,6 +261,32 @@ def check_openapi(url: str, expected_schema: dict) -> str:
     return f"HTTP {status}, Input with {len(expected['properties'])} properties"
 
 
+def training_zip() -> str:
+    """A data URI of a two-image zip with Japanese captions in metadata.jsonl (the trainer's first caption source)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        lines = []
+        for i, caption in enumerate(["赤い花の写真", "海辺の夕日"]):
+            archive.writestr(f"{i}.png", base64.b64decode(png_data_uri((96, 80)).partition(",")[2]))
+            lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}, ensure_ascii=False))
+        archive.writestr("metadata.jsonl", "\n".join(lines))
+    return "data:application/zip;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def check_training(url: str, container: Container, timeout: float) -> str:
+    """The image in train mode (as Replicate starts it for a training): READY, and POST /trainings returns the .tar."""
+    check_ready(url, container, timeout)
+    inputs = {"input_images": training_zip(), "max_train_steps": 1, "resolution": 256, "lora_rank": 2, "seed": 0}
+    started = time.monotonic()
+    status, body = cog_local.post_training(url, inputs, timeout=300)
+    succeeded(status, body)
+    weights = body["output"]["weights"]
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(weights.partition(",")[2]))) as tar:
+        names = sorted(tar.getnames())
+    assert "lora.safetensors" in names and "lora_kohya.safetensors" in names, f"the trainer's .tar holds {names}"
+    return f"--x-mode train: READY, 1-step LoRA training in {time.monotonic() - started:.1f} s → {', '.join(names)}"
+
+
 def check_stop(docker: Docker, url: str, container: Container) -> str:
     """``docker stop`` while a prediction runs: the container exits on SIGTERM (not SIGKILL) within STOP_LIMIT."""
     outcome: dict = {}
@@ -325,7 +355,7 @@ def check_network_none(docker: Docker, container: Container, timeout: float, ori
 
 
 def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) -> Report:
-    """Two containers (each costs a full copy of the image with the vfs storage driver, and as long to remove)."""
+    """Three containers (each costs a full copy of the image with the vfs storage driver, and as long to remove)."""
     report = Report()
     removals: list[threading.Thread] = []
 
@@ -336,7 +366,7 @@ def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) 
     containers: list[Container] = []
     try:
         print("Building the expected schema on this host (imports the predictor)...", flush=True)
-        expected_schema = cog_local.openapi_schema()
+        expected_schema = cog_local.build_schema()
         offline = Container(docker, image, network="none")
         containers.append(offline)
         report.check("image contents", lambda: check_image(docker, image, offline, expected_schema))
@@ -367,6 +397,16 @@ def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) 
             "ready (network none)", lambda: check_network_none(docker, offline, setup_timeout, original)
         ):
             print(offline.logs(), flush=True)
+        remove(containers.pop())
+
+        port = cog_local.free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = ("python", "-m", "cog.server.http", "--x-mode", "train")
+        trainer = Container(docker, image, network="host", env={"PORT": str(port)}, command=command)
+        containers.append(trainer)
+        trainer.start()
+        if not report.check("training (train mode)", lambda: check_training(url, trainer, setup_timeout)):
+            print(trainer.logs(), flush=True)
     finally:
         for container in containers:
             remove(container)
