@@ -187,7 +187,7 @@ def test_compiled_unet_equals_eager_on_its_first_real_call(pipe, monkeypatch):
     monkeypatch.setattr(optimize, "WARMUP_SIZE", 64)  # the shapes of _generate: no second compilation
     report = optimize.optimize_pipeline(pipe, "cpu")
 
-    assert report.compiled and report.warmup_s > 0
+    assert report.compiled
     assert pipe.unet._compiled_call_impl is not None
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # the pipeline keeps its class and config
     np.testing.assert_allclose(_generate(pipe, num_inference_steps=2), reference, atol=1e-4, rtol=0)
