@@ -226,6 +226,21 @@ def test_lora_settings_are_checked():
     assert parse_config([*base, "--lora_rank", "8", "--train_text_encoder"]).trained_modules == ("unet", "text_encoder")
 
 
+def test_a_lora_run_is_refused_under_fsdp_and_deepspeed_and_runs_under_ddp():
+    from accelerate.utils import DistributedType
+
+    from jsd.training.trainer import refuse_unsupported_sharding
+
+    base = ["--pretrained_model_name_or_path", "w", "--train_data_dir", "d"]
+    lora, full = parse_config([*base, "--lora_rank", "4"]), parse_config(base)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=r"`--lora_rank` 4 cannot run under (FSDP|DEEPSPEED).*DDP"):
+            refuse_unsupported_sharding(sharded, lora)
+        refuse_unsupported_sharding(sharded, full)  # a full fine-tune exports through the gathering branch
+    for plain in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_unsupported_sharding(plain, lora)
+
+
 def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights(tmp_path, tiny_checkpoint):
     from test_train import image_folder
 

@@ -98,6 +98,7 @@ def train(config: TrainConfig) -> Path:
     """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process)."""
     accelerator = make_accelerator(config)
     log_setup(accelerator, config)
+    refuse_unsupported_sharding(accelerator.distributed_type, config)
     refuse_to_mix_runs(config)
     source = make_source(  # before loading models: a wrong data path fails at once
         train_data_dir=config.train_data_dir, train_shards=config.train_shards, caption_column=config.caption_column
@@ -228,6 +229,16 @@ def log_setup(accelerator: Accelerator, config: TrainConfig) -> None:
     else:  # one copy of the libraries' warnings, not one per process
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+
+
+def refuse_unsupported_sharding(distributed_type: DistributedType, config: TrainConfig) -> None:
+    """LoRA runs export adapters from the unwrapped modules; under FSDP/DeepSpeed those are shards (and
+    ``full_modules`` rebuilds modules without adapters), so such a run would save a broken LoRA: refuse it."""
+    if config.lora_rank is not None and distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"`--lora_rank` {config.lora_rank} cannot run under {distributed_type.value}: LoRA training supports "
+            "one process or DDP (accelerate launch --multi_gpu, torchrun). Drop the FSDP/DeepSpeed config."
+        )
 
 
 def make_optimizer(trained: dict[str, torch.nn.Module], config: TrainConfig, num_processes: int):
