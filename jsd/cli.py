@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--prompt_weighting", "--prompt-weighting", action="store_true", help="parse (text:1.3) emphasis weights"
     )
+    gen.add_argument(
+        "--lora_weights", "--lora-weights", help="a LoRA: URL, data URI or path of a trainer .tar or a .safetensors"
+    )
+    gen.add_argument("--lora_scale", "--lora-scale", type=float, default=1.0, help="LoRA strength, 0-2 (0: base model)")
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
@@ -100,6 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         output_format=_output_format(args.output),
         disable_safety_checker=args.disable_safety_checker,
         prompt_weighting=args.prompt_weighting,
+        lora_weights=args.lora_weights,
+        lora_scale=args.lora_scale,
     )
     weights = Path(args.weights)
     try:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from jsd.cli import main
@@ -42,6 +43,35 @@ def test_generate_writes_images_and_prints_reproducible_seeds(tmp_path, capsys, 
     alone = np.asarray(Image.open(tmp_path / "b.png"), dtype=int)
     assert np.abs(alone - np.asarray(second, dtype=int)).max() <= 1
     assert np.abs(np.asarray(first, dtype=int) - np.asarray(second, dtype=int)).max() > 10
+
+
+def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_image(tmp_path, capsys, tiny_checkpoint):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from jsd.lora import LORA_WEIGHT_NAME, UNET_TARGET_MODULES, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(UNET_TARGET_MODULES)))
+    torch.manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero (a LoRA that changes nothing): make it do something
+            torch.nn.init.normal_(parameter, std=0.5)
+    save_lora(tmp_path, unet)
+    common = ["猫 油絵", "--weights", str(tiny_checkpoint), "--width", "128", "--height", "128", "--steps", "2"]
+    common += ["--seed", "3"]
+
+    def image(name: str, *extra: str) -> np.ndarray:
+        generate(capsys, *common, *extra, "-o", str(tmp_path / name))
+        return np.asarray(Image.open(tmp_path / name))
+
+    base = image("base.png")
+    lora = str(tmp_path / LORA_WEIGHT_NAME)
+    assert np.abs(image("lora.png", "--lora_weights", lora).astype(int) - base).max() > 8
+    assert np.array_equal(image("zero.png", "--lora_weights", lora, "--lora_scale", "0"), base)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", *common, "--lora_weights", lora, "--lora_scale", "3", "-o", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and "lora_scale" in capsys.readouterr().err
 
 
 def test_img2img_and_inpaint(tmp_path, capsys, tiny_checkpoint):
