@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -76,6 +77,29 @@ class CogServer:
                 return response.status, _json(response.read())
         except urllib.error.HTTPError as err:
             return err.code, _json(err.read())
+
+    @contextmanager
+    def running(self, kind: str, job_id: str, inputs: dict, *, timeout: float = 120) -> Iterator[dict]:
+        """``PUT /{kind}/{job_id}`` (kind: predictions or trainings) in a thread; yields once health is BUSY.
+
+        On exit the request is awaited (at most ``timeout`` s) and the yielded dict holds its ``response``,
+        (HTTP status, JSON body). Lets a test cancel, or probe the server, while a job runs.
+        """
+        result: dict = {}
+
+        def send() -> None:
+            result["response"] = self.request("PUT", f"/{kind}/{job_id}", {"id": job_id, "input": inputs})
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while self.health()["status"] != "BUSY" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            yield result
+        finally:
+            thread.join(timeout=timeout)
+        assert not thread.is_alive(), f"PUT /{kind}/{job_id} still running after {timeout} s"
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")

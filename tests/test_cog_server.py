@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 
 import pytest
@@ -203,17 +202,7 @@ def test_malformed_body_is_rejected_and_the_server_stays_ready(server):
 def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
     # Slow enough to cancel with the tiny model: 100 steps at 1024×768 (about a second per step here).
     slow = {"width": 1024, "height": 768, "num_inference_steps": 100, "seed": 9}
-    result = {}
-
-    def run_slow():
-        result["response"] = server.request("PUT", "/predictions/slow-1", {"id": "slow-1", "input": slow})
-
-    thread = threading.Thread(target=run_slow)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while server.health()["status"] != "BUSY" and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with server.running("predictions", "slow-1", slow) as result:
         assert server.health()["status"] == "BUSY"
 
         busy_status, _ = server.predict(FAST, wait_if_busy=0)
@@ -221,9 +210,6 @@ def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
 
         cancel_status, _ = server.request("POST", "/predictions/slow-1/cancel")
         assert cancel_status == 200
-    finally:
-        thread.join(timeout=120)
-    assert not thread.is_alive()
     status, body = result["response"]
     assert status == 200 and body["status"] == "canceled"
 

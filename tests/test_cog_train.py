@@ -11,7 +11,6 @@ import io
 import json
 import os
 import tarfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -347,22 +346,9 @@ def test_bad_archives_fail_the_training_naming_input_images_and_the_file(trainer
 
 def test_cancelling_a_training_leaves_the_server_ready_for_the_next(trainer, tmp_path, capsys):
     slow = TRAIN | {"max_train_steps": 10_000, "input_images": data_uri(dataset_zip())}
-    result = {}
-
-    def run_slow():
-        result["response"] = trainer.request("PUT", "/trainings/slow-1", {"id": "slow-1", "input": slow})
-
-    thread = threading.Thread(target=run_slow)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while trainer.health()["status"] != "BUSY" and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with trainer.running("trainings", "slow-1", slow) as result:
         time.sleep(3)  # into the training loop
         assert trainer.request("POST", "/trainings/slow-1/cancel")[0] == 200
-    finally:
-        thread.join(timeout=120)
-    assert not thread.is_alive()
     status, body = result["response"]
     assert status == 200 and body["status"] == "canceled", body.get("error")
     assert_ready(trainer)
