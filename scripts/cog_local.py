@@ -684,6 +684,17 @@ def _predict_at(url: str, inputs: dict, args) -> int:
     return 0
 
 
+def _job_parser(sub, name: str, job: str, outputs: str, weights: str, weights_help: str) -> argparse.ArgumentParser:
+    """The ``predict`` and ``train`` commands take the same options: inputs, output folder, server or weights."""
+    parser = sub.add_parser(name, help=f"run {job} and write {outputs}")
+    parser.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("-o", "--output", default=".", metavar="DIR", help=f"folder for {outputs}")
+    parser.add_argument("--weights", default=weights, help=f"{weights_help} (default: %(default)s)")
+    parser.add_argument("--url", help="use a running server (train mode for train) instead of starting one")
+    parser.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for setup()")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -694,19 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--weights", default=weights, help="served checkpoint folder (default: %(default)s)")
     serve.add_argument("--train", action="store_true", help="serve the trainer (POST /trainings) instead")
     serve.set_defaults(func=cmd_serve)
-    predict = sub.add_parser("predict", help="run one prediction and write its files")
-    predict.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
-    predict.add_argument("-o", "--output", default=".", metavar="DIR", help="folder for the output files")
-    predict.add_argument("--weights", default=weights, help="served checkpoint folder (default: %(default)s)")
-    predict.add_argument("--url", help="use a running server instead of starting one")
-    predict.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for setup()")
+    predict = _job_parser(sub, "predict", "one prediction", "the output files", weights, "served checkpoint folder")
     predict.set_defaults(func=cmd_predict)
-    train = sub.add_parser("train", help="run one training (LoRA) and write its weights .tar")
-    train.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE")
-    train.add_argument("-o", "--output", default=".", metavar="DIR", help="folder for the weights .tar")
-    train.add_argument("--weights", default=weights, help="base checkpoint folder (default: %(default)s)")
-    train.add_argument("--url", help="use a running train-mode server instead of starting one")
-    train.add_argument("--setup-timeout", type=float, default=600, help="seconds to wait for the server")
+    train = _job_parser(sub, "train", "one training (LoRA)", "the weights .tar", weights, "base checkpoint folder")
     train.set_defaults(func=cmd_train)
     sub.add_parser("schema", help="print the OpenAPI schema").set_defaults(func=cmd_schema)
     args = parser.parse_args(argv)

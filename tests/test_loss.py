@@ -46,21 +46,27 @@ def reference_loss(components, pixels, input_ids, scheduler: DDPMScheduler, pred
         return ((prediction - target) ** 2).mean()
 
 
+def loss_of(parts, scheduler: DDPMScheduler) -> torch.Tensor:
+    """jsd.training's loss on the fixed batch, with the fixed noise seed."""
+    components, pixels, input_ids, _ = parts
+    return diffusion_loss(
+        unet=components["unet"],
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        noise_scheduler=scheduler,
+        pixel_values=pixels,
+        input_ids=input_ids,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_equals_an_independent_computation_on_a_fixed_batch(parts, prediction_type):
     components, pixels, input_ids, config = parts
     scheduler = DDPMScheduler.from_config(config, prediction_type=prediction_type)
     assert (scheduler.config.beta_schedule, scheduler.config.num_train_timesteps) == ("scaled_linear", 1000)
     with torch.no_grad():
-        loss = diffusion_loss(
-            unet=components["unet"],
-            vae=components["vae"],
-            text_encoder=components["text_encoder"],
-            noise_scheduler=scheduler,
-            pixel_values=pixels,
-            input_ids=input_ids,
-            generator=torch.Generator().manual_seed(SEED),
-        )
+        loss = loss_of(parts, scheduler)
     expected = reference_loss(components, pixels, input_ids, scheduler, prediction_type)
     other_type = "v_prediction" if prediction_type == "epsilon" else "epsilon"
     other = reference_loss(components, pixels, input_ids, scheduler, other_type)
@@ -69,15 +75,7 @@ def test_loss_equals_an_independent_computation_on_a_fixed_batch(parts, predicti
 
 
 def test_an_unknown_prediction_type_is_refused(parts):
-    components, pixels, input_ids, config = parts
+    config = parts[3]
     scheduler = DDPMScheduler.from_config(config, prediction_type="sample")
     with pytest.raises(ValueError, match=r"`prediction_type`='sample'"):
-        diffusion_loss(
-            unet=components["unet"],
-            vae=components["vae"],
-            text_encoder=components["text_encoder"],
-            noise_scheduler=scheduler,
-            pixel_values=pixels,
-            input_ids=input_ids,
-            generator=torch.Generator().manual_seed(SEED),
-        )
+        loss_of(parts, scheduler)
