@@ -1,7 +1,7 @@
 """Cog entry point (cog.yaml ``run: predict.py:Predictor``): typed inputs → one jsd.serving call → image files.
 
 Run it with Docker (``cog predict -i prompt=...``) or without (``python scripts/cog_local.py predict ...``).
-The logic lives in :mod:`jsd.serving` (LoRAs: :mod:`jsd.lora`); this file only maps Cog's inputs and outputs
+The logic lives in :mod:`jsd.serving` (LoRAs: :mod:`jsd.lora_weights`); this file only maps Cog's inputs and outputs
 onto it. A version trained on Replicate (``train.py``) starts with ``COG_WEIGHTS`` = the trainer's .tar: Cog
 passes it to ``setup(weights)`` and it becomes the default LoRA.
 """
@@ -16,7 +16,8 @@ import time
 
 from cog import BaseRunner, Input, Path
 
-from jsd import lora, serving
+from jsd import serving
+from jsd.lora_weights import MAX_LORA_SCALE
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
@@ -134,7 +135,7 @@ class Predictor(BaseRunner):
         lora_scale: float = Input(
             description="Strength of the LoRA; 0 gives the base model's image.",
             ge=0,
-            le=lora.MAX_LORA_SCALE,
+            le=MAX_LORA_SCALE,
             default=1.0,
         ),
     ) -> list[Path]:

@@ -6,7 +6,7 @@ Locally, without Docker::
 
     python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
-The logic lives in :func:`jsd.training.lora.train_lora_archive`; this file only maps Cog's inputs and
+The logic lives in :func:`jsd.training.lora_run.train_lora_archive`; this file only maps Cog's inputs and
 output onto it. (``scripts/train.py`` is the other trainer: full two-stage fine-tuning from the command line.)
 """
 
@@ -21,7 +21,7 @@ import tempfile
 from cog import BaseModel, Input, Path
 
 from jsd.training import archive
-from jsd.training.lora import LoraTrainingSettings, train_lora_archive
+from jsd.training.lora_run import LoraTrainingSettings, train_lora_archive
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is local (JSD_WEIGHTS, default weights/)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

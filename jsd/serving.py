@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from jsd import lora as lora_weights
+from jsd import lora_weights
 from jsd.pipelines import (
     JapaneseStableDiffusionImg2ImgPipeline,
     JapaneseStableDiffusionInpaintPipeline,
@@ -109,7 +109,7 @@ class GenerationRequest:
     output_quality: int = 90  # webp/jpg only
     disable_safety_checker: bool = False
     prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
-    lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora); None: the generator's default
+    lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora_weights); None: the generator's default
     lora_scale: float = 1.0  # 0: the base model exactly
 
     def validate(self) -> ValidatedRequest:

@@ -49,7 +49,7 @@ def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_image(tmp_path, 
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from jsd.lora import LORA_WEIGHT_NAME, UNET_TARGET_MODULES, save_lora
+    from jsd.lora_weights import LORA_WEIGHT_NAME, UNET_TARGET_MODULES, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(UNET_TARGET_MODULES)))

@@ -25,7 +25,7 @@ from loopback import LoopbackFiles
 from peft import LoraConfig
 from PIL import Image
 
-from jsd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME, UNET_TARGET_MODULES, save_lora
+from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME, UNET_TARGET_MODULES, save_lora
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.schedulers import make_scheduler
 from jsd.tiny import unet_config

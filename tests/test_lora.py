@@ -16,7 +16,7 @@ from loopback import LoopbackFiles
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from jsd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, LoraCache, LoraError
+from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, LoraCache, LoraError
 from jsd.training import archive
 from jsd.training.archive import DatasetError, prepare_dataset
 from jsd.training.config import parse_config
@@ -199,7 +199,7 @@ def test_the_kohya_file_has_a1111_key_names_and_alpha_equal_to_the_rank(tmp_path
     from peft import LoraConfig
     from transformers import CLIPTextModel
 
-    from jsd.lora import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, save_lora
+    from jsd.lora_weights import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES, save_lora
     from jsd.tiny import text_encoder_config, unet_config
 
     unet = UNet2DConditionModel(**unet_config("tiny", 32))
@@ -244,7 +244,8 @@ def test_a_lora_run_is_refused_under_fsdp_and_deepspeed_and_runs_under_ddp():
 def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights(tmp_path, tiny_checkpoint):
     from test_train import image_folder
 
-    from jsd.training.lora import CHECKPOINT_FILE, reset_accelerate
+    from jsd.training.adapters import CHECKPOINT_FILE
+    from jsd.training.lora_run import reset_accelerate
     from jsd.training.trainer import train
 
     data = image_folder(tmp_path / "data")

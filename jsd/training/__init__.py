@@ -5,9 +5,11 @@
 * :mod:`jsd.training.step` — the noise-prediction loss with caption dropout;
 * :mod:`jsd.training.models` — loading, freezing per stage;
 * :mod:`jsd.training.checkpointing` — atomic checkpoints, ``latest``, pruning;
+* :mod:`jsd.training.adapters` — the LoRA mode's parts (``--lora_rank``): peft adapters, adapter-only
+  checkpoints, the LoRA export (below the trainer: it calls them);
 * :mod:`jsd.training.trainer` — the accelerate loop and the export to the served layout;
-* :mod:`jsd.training.lora` — the LoRA mode (``--lora_rank``): peft adapters, adapter-only checkpoints,
-  the LoRA export, and one training from a user's archive (the Cog trainer, ``train.py``);
+* :mod:`jsd.training.lora_run` — one LoRA training from a user's archive to a .tar (the Cog trainer,
+  ``train.py``; above the trainer: it calls it);
 * :mod:`jsd.training.archive` — a user's .zip/.tar unpacked safely, with captions, into an image folder.
 """
 

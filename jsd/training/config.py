@@ -46,7 +46,7 @@ class TrainConfig:
         "'pretrained': start from the checkpoint's text encoder; 'scratch': re-initialise it (the paper's stage 1).",
         choices=("pretrained", "scratch"),
     )
-    # --- LoRA: adapters on the frozen model instead of whole modules (jsd.training.lora)
+    # --- LoRA: adapters on the frozen model instead of whole modules (jsd.training.adapters)
     lora_rank: int | None = opt(
         None,
         "Train LoRA adapters of this rank (diffusers' --rank) on the UNet's attention instead of fine-tuning whole "

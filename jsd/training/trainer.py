@@ -3,7 +3,7 @@
 ``train(config)`` runs either stage of the recipe (which modules train is decided in
 :data:`jsd.training.config.TRAINED_MODULES`), checkpoints every ``checkpointing_steps``, resumes
 exactly, and ends with the served layout (safetensors + manifest) in ``output_dir``. With
-``--lora_rank`` it trains peft LoRA adapters instead (:mod:`jsd.training.lora`) and ends with
+``--lora_rank`` it trains peft LoRA adapters instead (:mod:`jsd.training.adapters`) and ends with
 ``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` in ``output_dir``.
 """
 
@@ -31,8 +31,7 @@ from jsd.convert import SERVED_DTYPE, ConversionError, _check_finite
 from jsd.loading import load_components, resolve_checkpoint
 from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
-from jsd.training import checkpointing
-from jsd.training import lora as lora_training
+from jsd.training import adapters, checkpointing
 from jsd.training.config import TrainConfig
 from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
 from jsd.training.models import freeze_for_stage, load_training_components
@@ -113,10 +112,10 @@ def train(config: TrainConfig) -> Path:
         )
     else:  # everything frozen in the weight dtype; only the adapters train
         freeze_for_stage(components, (), device=accelerator.device, weight_dtype=weight_dtype)
-        trained = lora_training.add_lora_adapters(
+        trained = adapters.add_lora_adapters(
             components, config.trained_modules, rank=config.lora_rank, seed=config.seed
         )
-        lora_training.register_lora_checkpointing(accelerator, trained)
+        adapters.register_lora_checkpointing(accelerator, trained)
     if config.gradient_checkpointing:
         components["unet"].enable_gradient_checkpointing()
         components["text_encoder"].activation_checkpointing_enable()  # transformers 5's name
@@ -167,7 +166,7 @@ def train(config: TrainConfig) -> Path:
     final = full_modules(accelerator, trained)
     if accelerator.is_main_process and config.lora_rank is not None:
         info = {"settings": dataclasses.asdict(config), "steps": state.step, "skipped": bad.state_dict()}
-        lora_training.export_lora(Path(config.output_dir), final, info)
+        adapters.export_lora(Path(config.output_dir), final, info)
         logger.info("Saved the LoRA to %s", config.output_dir)
     elif accelerator.is_main_process:
         export_served(

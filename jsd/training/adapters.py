@@ -1,5 +1,7 @@
-"""LoRA mode of the trainer (``--lora_rank``): peft adapters on the frozen UNet (and text encoder).
+"""LoRA adapters for the trainer (``--lora_rank``): peft adapters on the frozen UNet (and text encoder).
 
+This module sits below :mod:`jsd.training.trainer` (which calls it) and imports nothing of the trainer's; the
+whole training run from a user's archive sits above the trainer, in :mod:`jsd.training.lora_run`.
 What differs from full fine-tuning lives here; data, loss, loop and checkpoints are the trainer's own:
 
 * :func:`add_lora_adapters` — ``add_adapter(LoraConfig(...))`` on the frozen modules, as diffusers'
@@ -7,23 +9,15 @@ What differs from full fine-tuning lives here; data, loss, loop and checkpoints 
   attention) do, with ``lora_alpha = rank`` (scale 1: the kohya file's ``.alpha`` is the rank too);
 * :func:`register_lora_checkpointing` — accelerate save/load hooks so that ``checkpoint-N/`` holds the
   adapters only (a few MB), not the frozen model (GBs), and a resumed run restores them exactly;
-* :func:`export_lora` — ``lora.safetensors`` + ``lora_kohya.safetensors`` (:func:`jsd.lora.save_lora`)
-  and ``training.json``, written atomically into ``output_dir``;
-* :func:`train_lora_archive` — one whole training from a user's archive to the trainer's ``.tar``
-  (what Cog's ``train.py`` runs).
+* :func:`export_lora` — ``lora.safetensors`` + ``lora_kohya.safetensors`` (:func:`jsd.lora_weights.save_lora`)
+  and ``training.json``, written atomically into ``output_dir``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import shutil
-import tarfile
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +27,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from jsd.lora import (
-    KOHYA_WEIGHT_NAME,
-    LORA_WEIGHT_NAME,
+from jsd.lora_weights import (
     TEXT_ENCODER_TARGET_MODULES,
     TRAINING_INFO_NAME,
     UNET_TARGET_MODULES,
@@ -113,102 +105,3 @@ def export_lora(output_dir: Path, trained: dict[str, torch.nn.Module], info: dic
     (staging / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     swap_into_place(staging, output_dir)
     return output_dir
-
-
-# ---------------------------------------------------------------------------------------- one training from an archive
-@dataclass
-class LoraTrainingSettings:
-    """The choices of one LoRA training (the Cog trainer's inputs); everything else is the trainer's default."""
-
-    caption_prefix: str = ""
-    max_train_steps: int = 1000
-    learning_rate: float = 1e-4
-    lora_rank: int = 16
-    train_text_encoder: bool = False
-    resolution: int = 512
-    train_batch_size: int = 2
-    seed: int = 0
-
-
-def train_lora_archive(
-    archive: str | os.PathLike,
-    output_tar: str | os.PathLike,
-    settings: LoraTrainingSettings,
-    *,
-    base_model: str | os.PathLike,
-    name: str = "input_images",
-) -> dict:
-    """Train a LoRA on the images and captions of ``archive``; write ``output_tar`` and return ``training.json``.
-
-    ``base_model``: the served checkpoint folder (verified against its manifest first). The .tar holds
-    ``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` (settings, data counts, skipped files).
-    Raises :class:`jsd.training.archive.DatasetError` (naming ``name``) for an archive that cannot be used.
-    """
-    from jsd.manifest import verify_manifest
-    from jsd.training.archive import prepare_dataset
-    from jsd.training.config import TrainConfig
-    from jsd.training.trainer import train
-
-    start = time.perf_counter()
-    manifest = verify_manifest(base_model)
-    with tempfile.TemporaryDirectory(prefix="jsd-lora-") as tmp:
-        work = Path(tmp)
-        dataset = prepare_dataset(archive, work / "data", caption_prefix=settings.caption_prefix, name=name)
-        logger.info(
-            "Training on %d of %d images (captions from %s); %d file(s) skipped",
-            dataset.images_used,
-            dataset.images_found,
-            dataset.caption_source,
-            len(dataset.skipped),
-        )
-        config = TrainConfig(
-            pretrained_model_name_or_path=str(base_model),
-            train_data_dir=str(dataset.folder),
-            output_dir=str(work / "lora"),
-            project_dir=str(work / "run"),
-            lora_rank=settings.lora_rank,
-            train_text_encoder=settings.train_text_encoder,
-            resolution=settings.resolution,
-            train_batch_size=settings.train_batch_size,
-            max_train_steps=settings.max_train_steps,
-            learning_rate=settings.learning_rate,
-            seed=settings.seed,
-            lr_warmup_steps=0,  # diffusers' LoRA examples: constant rate; a warm-up would eat short runs
-            caption_dropout=0.0,  # a LoRA learns the captioned concept; the base keeps the unconditional branch
-            checkpointing_steps=max(settings.max_train_steps, 1),  # one checkpoint, at the end: a run is short
-            mixed_precision="fp16" if torch.cuda.is_available() else "no",
-            report_to="none",
-        ).validate()
-        try:
-            train(config)
-        finally:
-            reset_accelerate()
-        info = json.loads((work / "lora" / TRAINING_INFO_NAME).read_text(encoding="utf-8"))
-        info = {
-            "settings": dataclasses.asdict(settings),
-            "base_model": {"source": manifest.get("source"), "revision": manifest.get("revision")},
-            "data": dataset.to_json() | {"records_skipped_in_training": info["skipped"]},
-            "steps": info["steps"],
-            "trainer": {k: v for k, v in info["settings"].items() if not k.endswith(("_dir", "_path"))},
-            "wall_seconds": round(time.perf_counter() - start, 1),
-        }
-        (work / "lora" / TRAINING_INFO_NAME).write_text(
-            json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        output_tar = Path(output_tar)
-        output_tar.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(output_tar, "w") as tar:
-            for file in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, TRAINING_INFO_NAME):
-                tar.add(work / "lora" / file, arcname=file)
-    return info
-
-
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, so that the next training in this process starts clean.
-
-    (A Cog server runs every training in one worker process; accelerate's own tests reset it the same way.)
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()

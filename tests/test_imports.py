@@ -1,0 +1,96 @@
+"""The package's modules import each other without a cycle, and the two LoRA modules keep their rooms.
+
+A cycle hidden behind an import inside a function (as ``jsd.training.lora`` once had with the trainer) still
+counts: the graph is read with ``ast`` from every ``import`` statement in a module, wherever it sits.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "jsd"
+
+
+def module_name(path: Path, root: Path = PACKAGE.parent) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str], root: Path = PACKAGE.parent) -> set[str]:
+    """The ``jsd`` modules that ``path`` imports anywhere in its text (``from a import b``: ``a.b`` if a module)."""
+    found = set()
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}".rstrip(".")
+            names = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules] or [base]
+        else:
+            continue
+        found |= {name for name in names if name in modules}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imported_modules(p, modules) - {module_name(p)} for p in paths}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path ``[a, b, ..., a]``, or None (depth-first search with colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_a_cycle_behind_a_function_level_import(tmp_path):
+    """The checker itself: a cycle through an import inside a function is found, an acyclic graph passes."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "pkg" / "b.py").write_text("def f():\n    from pkg.a import x\n")
+    modules = {"pkg.a", "pkg.b"}
+    graph = {
+        "pkg.a": imported_modules(tmp_path / "pkg" / "a.py", modules, tmp_path),
+        "pkg.b": imported_modules(tmp_path / "pkg" / "b.py", modules, tmp_path),
+    }
+    assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+    assert find_cycle({"pkg.a": {"pkg.b"}, "pkg.b": set()}) is None
+
+
+def test_the_jsd_modules_import_each_other_without_a_cycle():
+    graph = import_graph()
+    assert graph.get("jsd.training.trainer"), "the graph was not read"
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_lora_run_sits_above_the_trainer_and_the_adapters_below_it():
+    graph = import_graph()
+    assert "jsd.training.adapters" in graph["jsd.training.trainer"]
+    assert "jsd.training.trainer" in graph["jsd.training.lora_run"]
+    assert "jsd.training.trainer" not in graph["jsd.training.adapters"]
+    # prediction-time LoRA loading knows nothing of training
+    assert not {m for m in graph["jsd.lora_weights"] if m.startswith("jsd.training")}
