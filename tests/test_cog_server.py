@@ -129,15 +129,20 @@ def test_metrics_of_a_served_prediction_are_the_known_values(server, tiny_checkp
     assert metrics["prompt_truncated_tokens"] > 0  # the long prompt did overflow
 
 
-def test_img2img_and_inpaint_accept_image_and_mask_data(server):
+def test_img2img_and_inpaint_accept_image_and_mask_data(server, tmp_path):
     picture = Image.new("RGB", (300, 200), (200, 40, 40))
     mask = Image.new("L", (300, 200), 0)
     mask.paste(255, (100, 50, 200, 150))
 
-    for inputs in ({"image": data_uri(picture)}, {"image": data_uri(picture, "JPEG"), "mask": data_uri(mask)}):
+    cases = {"img2img": {"image": data_uri(picture)}, "inpaint": {"image": data_uri(picture, "JPEG")}}
+    cases["inpaint"]["mask"] = data_uri(mask)
+    for mode, inputs in cases.items():
         _, body = server.predict(FAST | {"width": 256, "seed": 3} | inputs)
         assert body["status"] == "succeeded", body.get("error")
-        assert decode(body["output"][0])[1].size == (256, 128)
+        data, image = decode(body["output"][0])
+        assert image.size == (256, 128)
+        (tmp_path / f"{mode}.webp").write_bytes(data)
+        assert read_metadata(tmp_path / f"{mode}.webp")["mode"] == mode  # the image (and mask) were used
 
 
 @pytest.mark.parametrize(

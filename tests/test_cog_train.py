@@ -24,6 +24,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from loopback import LoopbackFiles
 from peft import LoraConfig
 from PIL import Image
+from safetensors.torch import load_file
 
 from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME, UNET_TARGET_MODULES, save_lora
 from jsd.pipelines import JapaneseStableDiffusionPipeline
@@ -229,6 +230,10 @@ def test_the_kohya_file_gives_the_same_image_as_the_diffusers_file(server, train
 
 
 def test_lora_scale_reaches_the_text_encoder_as_in_diffusers(server, trained, files, reference):
+    # the trained file has text-encoder layers that learned something (else the text encoder's scale is unseen)
+    layers = load_file(trained["folder"] / LORA_WEIGHT_NAME)
+    text_ups = [v for k, v in layers.items() if k.startswith("text_encoder.") and k.endswith("up.weight")]
+    assert text_ups and all(v.abs().max() > 0 for v in text_ups)
     half = pixels(predicted(server, lora_weights=files.url("/trained.tar"), lora_scale=0.5))
 
     assert np.abs(half - diffusers_image(reference, trained["folder"], scale=0.5)).max() <= 1

@@ -110,9 +110,11 @@ def test_windows_backslash_paths_are_paths_and_cannot_escape(tmp_path):
     ok = write_zip(tmp_path / "w.zip", {"set\\0.png": png_bytes(0), "set\\0.txt": "猫"})
     assert prepare_dataset(ok, tmp_path / "w").images_used == 1
     evil = write_zip(tmp_path / "x.zip", {"..\\..\\0.png": png_bytes(0)})
+    # deep enough that `..\..\` from wherever the entries are unpacked still lands inside `jail`
+    jail = tmp_path / "jail"
     with pytest.raises(DatasetError, match=r"escapes the archive's folder"):
-        prepare_dataset(evil, tmp_path / "x")
-    assert not (tmp_path / "0.png").exists()
+        prepare_dataset(evil, jail / "a" / "b" / "x")
+    assert not list(jail.rglob("*.png"))
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -241,12 +243,18 @@ def test_a_lora_run_is_refused_under_fsdp_and_deepspeed_and_runs_under_ddp():
         refuse_unsupported_sharding(plain, lora)
 
 
-def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights(tmp_path, tiny_checkpoint):
+def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights(
+    tmp_path, tiny_checkpoint, monkeypatch
+):
     from test_train import image_folder
 
+    from jsd.training import trainer
     from jsd.training.adapters import CHECKPOINT_FILE
     from jsd.training.lora_run import reset_accelerate
     from jsd.training.trainer import train
+
+    steps_taken, real_loss = [], trainer.batch_loss
+    monkeypatch.setattr(trainer, "batch_loss", lambda *args: steps_taken.append(1) or real_loss(*args))
 
     data = image_folder(tmp_path / "data")
     common = ["--pretrained_model_name_or_path", str(tiny_checkpoint), "--train_data_dir", str(data)]
@@ -254,6 +262,7 @@ def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights
     common += ["--lora_rank", "4", "--train_text_encoder", "--report_to", "none", "--checkpointing_steps", "2"]
 
     def run(name: str, *args: str) -> dict[str, torch.Tensor]:
+        steps_taken.clear()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -268,5 +277,6 @@ def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights
     checkpoint = tmp_path / "split-run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir() if p.suffix == ".safetensors") == [CHECKPOINT_FILE]
     resumed = run("split", "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert len(steps_taken) == 1  # it resumed at step 2: a run from scratch would take 3 steps to the same weights
 
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 from repofiles import REPO, load_repo_module
 
@@ -387,6 +387,18 @@ def test_predictor_setup_applies_the_fast_path(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
     monkeypatch.delenv("JSD_TORCH_COMPILE", raising=False)
     monkeypatch.delenv("JSD_WARMUP", raising=False)
+    real_load = serving.load_pipeline
+
+    def load_with_classic_attention(*args, **kwargs):
+        # diffusers and transformers already default to SDPA on torch 2: start from the classic attention (as
+        # an older library or a checkpoint's config may), so that only the fast path can make it SDPA
+        pipe = real_load(*args, **kwargs)
+        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.vae.set_attn_processor(AttnProcessor())
+        pipe.text_encoder.set_attn_implementation("eager")
+        return pipe
+
+    monkeypatch.setattr(serving, "load_pipeline", load_with_classic_attention)
     predictor = load_predict_module().Predictor()
     predictor.setup()
 
@@ -395,6 +407,7 @@ def test_predictor_setup_applies_the_fast_path(tiny_checkpoint, monkeypatch):
     assert pipe.vae.use_slicing and pipe.vae.use_tiling
     assert pipe.vae.tile_sample_min_size == optimize.VAE_TILE_SIZE != pipe.vae.config.sample_size
     assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.vae.attn_processors.values())
     assert pipe.text_encoder.config._attn_implementation == "sdpa"
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
 
