@@ -28,7 +28,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jsd.manifest import sha256_file, verify_manifest, write_manifest
+try:
+    from jsd.manifest import sha256_file, verify_manifest, write_manifest
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 # Bytes of each weights file of the fp16 served checkpoint (parameters × 2).
 SERVED_SIZES = {

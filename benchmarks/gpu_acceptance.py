@@ -1208,6 +1208,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("diffusers") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("diffusers")
     started = time.perf_counter()
     args = parse_args(argv)
     if args.child_setup:

@@ -696,6 +696,10 @@ def _job_parser(sub, name: str, job: str, outputs: str, weights: str, weights_he
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("cog") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("cog")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     weights = os.environ.get("JSD_WEIGHTS", "weights")

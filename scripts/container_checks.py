@@ -31,7 +31,12 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image
+try:
+    from PIL import Image
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_LIMIT = 10.0  # seconds `docker stop` may take: Docker's own grace period before SIGKILL

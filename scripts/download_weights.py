@@ -15,6 +15,7 @@ Rerun the same command after any interruption; on a complete folder it is a quic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -115,6 +116,10 @@ def is_local(source: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("huggingface_hub") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("huggingface_hub")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jsd.convert import ConversionError

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+try:
+    import torch
 
-from jsd.tiny import make_checkpoint
+    from jsd.tiny import make_checkpoint
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import signal
@@ -53,6 +54,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def main() -> int:
+    if importlib.util.find_spec("coglet") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("coglet")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=1000, help="sequential predictions (default: %(default)s)")
     args = parser.parse_args()

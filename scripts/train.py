@@ -15,8 +15,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from jsd.training.config import parse_config
-from jsd.training.trainer import train
+try:
+    from jsd.training.config import parse_config
+    from jsd.training.trainer import train
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

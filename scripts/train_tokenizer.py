@@ -16,7 +16,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from jsd.tokenizer_training import CONTROL_SYMBOLS, train_sentencepiece
+try:
+    from jsd.tokenizer_training import CONTROL_SYMBOLS, train_sentencepiece
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 SAMPLE = "富士山の上に浮かぶ赤い風船、水彩画"
 
