@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 from cog import BaseRunner, Input, Path
 
-from jsd import lora, serving
+from jsd import lora, scratch, serving
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
@@ -39,7 +38,8 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # One folder for the outputs, emptied at the start of every run: predictions run one at a time
         # (cog.yaml sets no concurrency) and Cog has read the previous outputs before it starts the next.
-        self.output_dir = tempfile.mkdtemp(prefix="jsd-outputs-")
+        # It is removed when the server stops (jsd.scratch: atexit, or the next setup after a crash).
+        self.output_dir = scratch.process_folder("jsd-outputs-")
         folder = os.environ.get("JSD_WEIGHTS", "weights")
         start = time.perf_counter()
         manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
