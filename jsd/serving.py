@@ -108,7 +108,7 @@ class GenerationRequest:
     output_format: str = "webp"
     output_quality: int = 90  # webp/jpg only
     disable_safety_checker: bool = False
-    prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
+    prompt_weighting: bool = True  # parse "(text:1.3)" weights (jsd.prompting), as Cog's input and `jsd generate` do
     lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora); None: the generator's default
     lora_scale: float = 1.0  # 0: the base model exactly
 

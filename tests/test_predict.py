@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import weakref
 
@@ -441,3 +442,26 @@ def test_cog_loads_and_inspects_the_predictor_without_deprecation_warnings(monke
     assert cog_warnings == []
     assert type(predictor).__name__ == "Predictor" and "prompt" in info.inputs
     assert info.output.json_type() == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
+
+
+def test_the_same_request_draws_the_same_image_in_cog_the_library_and_the_cli(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Defaults only (beyond size, steps, seed and format): a weighted prompt is weighted in all three."""
+    from jsd.cli import main
+
+    prompt, seed = "(猫:1.8) と犬 油絵", 5
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+    inputs = _run_defaults() | FAST | {"prompt": prompt}
+    cog = pixels(Image.open(predictor.run(**inputs, num_outputs=1, seed=seed, output_format="png")[0]))
+    request = GenerationRequest(prompt=prompt, **FAST, seed=seed, output_format="png")
+    library = pixels(predictor.generator.generate(request).images[0].image)
+    size = ["--width", "128", "--height", "128", "--steps", "2", "--seed", str(seed)]
+    main(["generate", prompt, "--weights", str(tiny_checkpoint), *size, "-o", str(tmp_path / "cli.png")])
+    cli = pixels(Image.open(tmp_path / "cli.png"))
+    plain = pixels(predictor.generator.generate(dataclasses.replace(request, prompt_weighting=False)).images[0].image)
+
+    assert np.array_equal(cog, library) and np.array_equal(cli, library)
+    assert np.abs(library - plain).max() > 0  # the brackets are read as a weight, not as text
