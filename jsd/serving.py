@@ -133,14 +133,17 @@ class GenerationRequest:
         seed = secrets.randbits(63) if self.seed is None else _check_int("seed", self.seed, 0, MAX_SEED)
         _check_float("prompt_strength", self.prompt_strength, 0.0, 1.0)
         if not isinstance(self.output_format, str) or self.output_format not in OUTPUT_FORMATS:
-            raise InputError(f"`output_format` must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}.")
+            allowed = ", ".join(OUTPUT_FORMATS)
+            raise InputError(f"`output_format` must be one of {allowed}; got {shown(self.output_format)}.")
         _check_int("output_quality", self.output_quality, 1, 100)
         if not isinstance(self.disable_safety_checker, bool):
-            raise InputError(f"`disable_safety_checker` must be true or false, got {self.disable_safety_checker!r}.")
+            got = shown(self.disable_safety_checker)
+            raise InputError(f"`disable_safety_checker` must be true or false, got {got}.")
         if not isinstance(self.prompt_weighting, bool):
-            raise InputError(f"`prompt_weighting` must be true or false, got {self.prompt_weighting!r}.")
+            raise InputError(f"`prompt_weighting` must be true or false, got {shown(self.prompt_weighting)}.")
         if self.lora_weights is not None and not isinstance(self.lora_weights, str):
-            raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {self.lora_weights!r}.")
+            got = shown(self.lora_weights)
+            raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {got}.")
         _check_float("lora_scale", self.lora_scale, 0.0, lora_weights.MAX_LORA_SCALE)
         image, mask = self._decode_images()
         return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
@@ -475,9 +478,21 @@ def _xmp_packet(metadata: dict[str, str]) -> bytes:
     ).encode()
 
 
+SHOWN_CHARS = 80  # of a bad value echoed in an error message: the reason must not drown after 2,000 characters
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut after ``limit`` characters: ``'猫猫…' (2,345 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as text"
+    return f"{text[:limit]}… ({size})"
+
+
 def _check_text(name: str, value: object) -> None:
     if not isinstance(value, str):
-        raise InputError(f"`{name}` must be text, got {type(value).__name__}: {value!r}.")
+        raise InputError(f"`{name}` must be text, got {type(value).__name__}: {shown(value)}.")
     if len(value) > MAX_PROMPT_CHARS:
         raise InputError(
             f"`{name}` has {len(value):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed (the model reads "
@@ -498,7 +513,7 @@ def _check_text(name: str, value: object) -> None:
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"`{name}` must be an integer between {low} and {high}, got {value!r}.")
+        raise InputError(f"`{name}` must be an integer between {low} and {high}, got {shown(value)}.")
     if not low <= value <= high:
         raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
     return value
@@ -506,7 +521,7 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 def _check_float(name: str, value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
-        raise InputError(f"`{name}` must be a number between {low} and {high}, got {value!r}.")
+        raise InputError(f"`{name}` must be a number between {low} and {high}, got {shown(value)}.")
     if not low <= value <= high:
         raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
     return float(value)

@@ -497,12 +497,35 @@ def clean_error(text: str) -> str:
 
 
 def error_text(status: int, body: dict) -> str:
-    """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body."""
+    """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body.
+
+    A long value the server echoes is cut (:func:`shorten_echoes`).
+    """
     if status == 422 and isinstance(body.get("detail"), list):
-        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
-    if body.get("error"):
-        return clean_error(str(body["error"]))
-    return str(body.get("detail") or body)
+        text = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
+    elif body.get("error"):
+        text = clean_error(str(body["error"]))
+    else:
+        text = str(body.get("detail") or body)
+    return shorten_echoes(text)
+
+
+SHOWN_CHARS = 80  # of an echoed value: the reason must not drown after 2,000 characters
+# coglet's 422 quotes the whole value before the reason: `"猫猫…(2,345 characters)…" is longer than 2000 characters`
+_LONG_QUOTED = re.compile(rf'"((?:[^"\\]|\\.){{{SHOWN_CHARS + 1},}})"', flags=re.DOTALL)
+
+
+def shorten_echoes(text: str) -> str:
+    """Each quoted value longer than :data:`SHOWN_CHARS`, cut to its start and length: ``"猫…" (2,345 characters)``."""
+
+    def cut(match: re.Match) -> str:
+        try:
+            value = json.loads(match.group(0))  # the JSON string coglet wrote
+        except json.JSONDecodeError:
+            value = match.group(1)
+        return f'"{value[:SHOWN_CHARS]}…" ({len(value):,} characters)'
+
+    return _LONG_QUOTED.sub(cut, text)
 
 
 # ---- trainings (train mode) -------------------------------------------------------------------------
