@@ -99,7 +99,9 @@ class Predictor(BaseRunner):
         ),
         scheduler: str = Input(description="Sampler.", choices=scheduler_names(), default=DEFAULT_SCHEDULER),
         seed: int | None = Input(
-            description="Seed of the first image; image i uses seed + i. Leave empty for a random seed.",
+            description="Seed of the first image; image i uses seed + i (alone, with seed + i, it comes out the same "
+            "up to rounding: at most 1 level per pixel on CPU, more after lossy WebP/JPEG encoding). Leave empty for a "
+            "random seed.",
             ge=0,
             le=serving.MAX_SEED,
             default=None,

@@ -9,6 +9,7 @@ Replicate's prediction page:
 * diffusers' "No LoRA keys associated to CLIPTextModel found …", three times per request with a LoRA
   for the UNet only;
 * diffusers' "There are modules in … that should be kept in float32: []" when training casts a model;
+* accelerate's "Saving current state to …" and "… state saved in …" for every file of a checkpoint;
 * transformers' "Loading weights: 100%|…| 36/36" progress bars, two lines per model and server start
   (:func:`no_loading_bars`, around the loading of a local checkpoint only).
 """
@@ -42,6 +43,18 @@ KNOWN_NOTICES = [
         # diffusers (models/modeling_utils.py, ModelMixin.to) warns when `.to(dtype=…)` is called on a model
         # whose `_keep_in_fp32_modules` is set, even when that list is empty (`[]`): there is then nothing
         # to keep in float32. A non-empty list is still logged.
+    ),
+    (
+        "accelerate.accelerator",
+        re.compile(r"^Saving current state to "),
+        # accelerate's save_state announces each checkpoint folder; the trainer logs "Saved {folder}" once it
+        # is complete (jsd.training.trainer), which is the line that matters.
+    ),
+    (
+        "accelerate.checkpointing",
+        re.compile(r"^(Optimizer|Scheduler|Gradient scaler|Random) states? saved in "),
+        # one line per file inside that checkpoint folder (optimizer.bin, scheduler.bin, random_states_0.pkl):
+        # the trainer's "Saved {folder}" covers them.
     ),
 ]
 

@@ -13,8 +13,9 @@ What a user can rely on:
   raises :class:`InputError` naming the input, the value and what is allowed;
 - ``prompt`` and ``negative_prompt`` hold at most :data:`MAX_PROMPT_CHARS` characters and no control
   characters other than tab, newline and carriage return (they are embedded in every output file's metadata);
-- image ``i`` of a request uses its own generator seeded ``seed + i``, so it can be reproduced alone
-  with ``num_outputs=1`` and ``seed=seed + i``;
+- image ``i`` of a request uses its own generator seeded ``seed + i``: the same request gives the same
+  images, and ``num_outputs=1`` with ``seed=seed + i`` gives the same picture up to rounding (a batch of one
+  takes another arithmetic path: on CPU at most 1 level per pixel before lossy WebP/JPEG encoding);
 - a new scheduler is built for every call, so no sampler state leaks from one request into the next;
 - NSFW is judged per image: flagged images are dropped, and only a request whose images are all
   flagged fails (:class:`NSFWError`);
@@ -188,7 +189,7 @@ class ValidatedRequest:
 
 @dataclass
 class GeneratedImage:
-    """One returned image and the settings that reproduce it alone (``num_outputs=1``, this ``seed``)."""
+    """One returned image and the settings that make it again alone (``num_outputs=1``, this ``seed``)."""
 
     image: Image.Image
     seed: int
