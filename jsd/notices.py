@@ -46,13 +46,13 @@ KNOWN_NOTICES = [
     ),
     (
         "accelerate.accelerator",
-        re.compile(r"^Saving current state to "),
+        re.compile(r"^(\[RANK \d+\] )?Saving current state to "),  # accelerate's MultiProcessAdapter adds the rank
         # accelerate's save_state announces each checkpoint folder; the trainer logs "Saved {folder}" once it
         # is complete (jsd.training.trainer), which is the line that matters.
     ),
     (
         "accelerate.checkpointing",
-        re.compile(r"^(Optimizer|Scheduler|Gradient scaler|Random) states? saved in "),
+        re.compile(r"^(\[RANK \d+\] )?(Optimizer|Scheduler|Gradient scaler|Random) states? saved in "),
         # one line per file inside that checkpoint folder (optimizer.bin, scheduler.bin, random_states_0.pkl):
         # the trainer's "Saved {folder}" covers them.
     ),
