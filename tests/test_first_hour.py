@@ -52,8 +52,8 @@ PREDICTION_LINES = [  # predict.py, jsd.serving, jsd.optimize, jsd.lora, and the
 TRAINING_LINES = [  # train.py, jsd.training
     r"Seed \d+",
     r"Training on \d+ of \d+ images \(captions from .*\); \d+ file\(s\) skipped",
-    r"  skipped .*: .*",
-    r"  … and \d+ more \(all of them are listed in training.json\)",
+    r"\s*skipped .*: .*",  # coglet's own log drops the indent
+    r"\s*… and \d+ more \(all of them are listed in training.json\)",
     r"\[RANK \d+\] (Distributed setup: |Process \d+ of \d+ on |Training \w+.* for \d+ steps|Saved |Data by step \d+: "
     r"|Data at the end: ).*",
     r"Steps: .*",  # the trainer's progress bar

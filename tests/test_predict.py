@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -465,3 +469,33 @@ def test_the_same_request_draws_the_same_image_in_cog_the_library_and_the_cli(
 
     assert np.array_equal(cog, library) and np.array_equal(cli, library)
     assert np.abs(library - plain).max() > 0  # the brackets are read as a weight, not as text
+
+
+def test_an_output_folder_is_removed_at_exit_or_by_the_next_server_after_a_crash(tmp_path, monkeypatch):
+    from jsd import scratch
+
+    monkeypatch.setattr(scratch.tempfile, "gettempdir", lambda: str(tmp_path))
+    code = "import os; from jsd import scratch; print(scratch.process_folder('jsd-outputs-'), flush=True)"
+
+    def folder_of(extra: str = "") -> Path:
+        done = subprocess.run(
+            [sys.executable, "-c", code + extra], capture_output=True, text=True, timeout=120, env=_tmpdir(tmp_path)
+        )
+        return Path(done.stdout.strip())
+
+    assert not folder_of().exists()  # removed at exit (atexit)
+    killed = folder_of("; os.kill(os.getpid(), 9)")
+    assert killed.is_dir()  # SIGKILL: no exit handler ran
+
+    mine = scratch.process_folder("jsd-outputs-")  # the next server (here: this process) sweeps it
+
+    assert not killed.exists()
+    assert mine.is_dir() and mine.name.startswith(f"jsd-outputs-{os.getpid()}-")
+    other = tmp_path / "jsd-outputs-1-abc"  # pid 1 runs: a folder of a live process is kept
+    other.mkdir()
+    scratch.process_folder("jsd-outputs-")
+    assert other.is_dir()
+
+
+def _tmpdir(folder) -> dict:
+    return dict(os.environ, TMPDIR=str(folder))
