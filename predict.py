@@ -1,6 +1,6 @@
 """Cog entry point (cog.yaml ``run: predict.py:Predictor``): typed inputs → one jsd.serving call → image files.
 
-Run it with Docker (``cog predict -i prompt=...``) or without (``python scripts/cog_local.py predict ...``).
+Run it with Docker (``cog predict -i prompt=...``) or without (``.venv/bin/python scripts/cog_local.py predict ...``).
 The logic lives in :mod:`jsd.serving` (LoRAs: :mod:`jsd.lora`); this file only maps Cog's inputs and outputs
 onto it. A version trained on Replicate (``train.py``) starts with ``COG_WEIGHTS`` = the trainer's .tar: Cog
 passes it to ``setup(weights)`` and it becomes the default LoRA.

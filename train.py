@@ -4,7 +4,7 @@ On Replicate: ``POST /v1/models/{owner}/{name}/versions/{version}/trainings`` wi
 docs/train-on-replicate.md); the trained version then runs ``predict.py`` with ``COG_WEIGHTS`` = this .tar.
 Locally, without Docker::
 
-    python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
+    .venv/bin/python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
 The logic lives in :func:`jsd.training.lora.train_lora_archive`; this file only maps Cog's inputs and
 output onto it. (``scripts/train.py`` is the other trainer: full two-stage fine-tuning from the command line.)

@@ -1,9 +1,9 @@
 """Our pipeline against diffusers' own, on the same components: what does the Japanese front end cost?
 
-    python benchmarks/bench_pipeline.py --threads 1                            # CPU, tiny shapes, 256 px
-    nice python benchmarks/bench_pipeline.py --size full --steps 2 --repeats 3 --threads 1  # CPU, SD v1 shapes
-    python benchmarks/bench_pipeline.py --device cuda                          # GPU: 512 px, 25 and 50 steps
-    python benchmarks/bench_pipeline.py --device cuda --weights weights/       # the same with the real weights
+    .venv/bin/python benchmarks/bench_pipeline.py --threads 1                            # CPU, tiny shapes, 256 px
+    nice .venv/bin/python benchmarks/bench_pipeline.py --size full --steps 2 --repeats 3 --threads 1  # CPU, SD v1
+    .venv/bin/python benchmarks/bench_pipeline.py --device cuda                          # GPU: 512 px, 25 and 50 steps
+    .venv/bin/python benchmarks/bench_pipeline.py --device cuda --weights weights/       # the same, real weights
 
 Two arms, run interleaved (the order alternates every repeat) after one untimed call each:
 

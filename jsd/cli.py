@@ -1,9 +1,9 @@
-"""Command line: ``python -m jsd generate "プロンプト" -o out.png``, ``python -m jsd tokenize "プロンプト"``.
+"""Command line: ``jsd generate "プロンプト" -o out.png`` and ``jsd tokenize "プロンプト"`` (the venv's ``jsd``).
 
-python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
-python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
-python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
-python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
+.venv/bin/python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
+.venv/bin/python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
+.venv/bin/python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
+.venv/bin/python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
 """
 
 from __future__ import annotations

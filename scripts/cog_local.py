@@ -1,11 +1,11 @@
 """Cog without Docker: serve predict.py with coglet (Cog 0.23's server), or run one prediction.
 
-    python scripts/cog_local.py serve --port 5000                  # http://127.0.0.1:5000/predictions
-    python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
-    python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
-    python scripts/cog_local.py schema                             # print the OpenAPI schema
-    python scripts/cog_local.py serve --train --port 5001          # the trainer: POST /trainings
-    python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
+    .venv/bin/python scripts/cog_local.py serve --port 5000                  # http://127.0.0.1:5000/predictions
+    .venv/bin/python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
+    .venv/bin/python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
+    .venv/bin/python scripts/cog_local.py schema                             # print the OpenAPI schema
+    .venv/bin/python scripts/cog_local.py serve --train --port 5001          # the trainer: POST /trainings
+    .venv/bin/python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
 ``serve`` writes ``.cog/openapi_schema.json`` from the predictor with Cog's own inspection (what
 ``cog build`` would do; without it coglet validates no input) and starts coglet with this venv's

@@ -1,7 +1,7 @@
 """Check a built image of this model in Docker: it serves, validates, predicts, fails safe and stops.
 
-    python scripts/container_checks.py --image jsd:cpu            # what `make container-test` runs after the build
-    python scripts/container_checks.py --image jsd:cpu --docker /usr/bin/docker --setup-timeout 600
+    .venv/bin/python scripts/container_checks.py --image jsd:cpu    # what `make container-test` runs after the build
+    .venv/bin/python scripts/container_checks.py --image jsd:cpu --docker /usr/bin/docker --setup-timeout 600
 
 Every check prints one ``PASS``/``FAIL`` line with its figures or its reason; the exit status is 1 when any
 fails. Containers run with ``--network host`` (the server on 127.0.0.1 and a free ``$PORT``) or

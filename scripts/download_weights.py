@@ -2,9 +2,9 @@
 
     # once: accept the CreativeML OpenRAIL-M license on https://huggingface.co/rinna/japanese-stable-diffusion
     export HF_TOKEN=hf_...                       # a read token of that account
-    python scripts/download_weights.py           # → weights/ (fp16 safetensors + manifest.json)
-    python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
-    python scripts/download_weights.py --verify-only weights/                                 # check a folder
+    .venv/bin/python scripts/download_weights.py           # → weights/ (fp16 safetensors + manifest.json)
+    .venv/bin/python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
+    .venv/bin/python scripts/download_weights.py --verify-only weights/                                 # check a folder
 
 Only the files serving needs are fetched (configs, tokenizer, the weights of unet, vae,
 text_encoder and safety_checker), into the Hugging Face cache: an interrupted download resumes

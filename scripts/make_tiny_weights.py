@@ -1,8 +1,8 @@
 """Write a tiny (or full-size) seeded checkpoint in the served layout.
 
-python scripts/make_tiny_weights.py weights/
-python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
-python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
+.venv/bin/python scripts/make_tiny_weights.py weights/
+.venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
+.venv/bin/python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
 """
 
 from __future__ import annotations

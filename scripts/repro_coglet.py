@@ -1,7 +1,7 @@
 """Minimal reproductions of two coglet (Cog 0.23) behaviours, for an upstream bug report.
 
-    python scripts/repro_coglet.py              # 1,000 sequential predictions (about 10 s)
-    python scripts/repro_coglet.py -n 200
+    .venv/bin/python scripts/repro_coglet.py              # 1,000 sequential predictions (about 10 s)
+    .venv/bin/python scripts/repro_coglet.py -n 200
 
 Needs only ``pip install cog`` (which pulls coglet): no jsd, no torch. It writes a four-line runner
 into a temporary folder, starts ``python -m cog.server.http`` on 127.0.0.1 and then:

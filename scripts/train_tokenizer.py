@@ -1,8 +1,8 @@
 """Train a Japanese sentencepiece tokenizer with rinna's special-token layout (for stage 1 from scratch).
 
-    python scripts/train_tokenizer.py --captions data/captions.txt data/images/metadata.jsonl \
+    .venv/bin/python scripts/train_tokenizer.py --captions data/captions.txt data/images/metadata.jsonl \
         --vocab_size 32000 --output my-tokenizer
-    python scripts/train.py --config configs/train/stage1.json --tokenizer_name my-tokenizer …
+    .venv/bin/python scripts/train.py --config configs/train/stage1.json --tokenizer_name my-tokenizer …
 
 A ``.txt`` file holds one caption per line; a ``.jsonl`` file (e.g. ``metadata.jsonl``) one JSON
 object per line, whose ``--caption_column`` is read.
