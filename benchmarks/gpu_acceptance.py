@@ -639,7 +639,8 @@ def _predict(cog_local: ModuleType, url: str, inputs: dict, folder: Path) -> tup
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     if status != 200 or body.get("status") != "succeeded":
-        raise RuntimeError(f"prediction failed ({status} {body.get('status')}): {cog_local.error_text(status, body)}")
+        outcome = f"Prediction {body.get('status')}" if status == 200 else f"The server answered HTTP {status}"
+        raise RuntimeError(f"{outcome}: {cog_local.error_text(status, body)}")
     return seconds, cog_local.write_outputs(body["output"], folder)
 
 
