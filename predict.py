@@ -1,6 +1,6 @@
 """Cog entry point (cog.yaml ``run: predict.py:Predictor``): typed inputs → one jsd.serving call → image files.
 
-Run it with Docker (``cog predict -i prompt=...``) or without (``python scripts/cog_local.py predict ...``).
+Run it with Docker (``cog predict -i prompt=...``) or without (``.venv/bin/python scripts/cog_local.py predict ...``).
 The logic lives in :mod:`jsd.serving` (LoRAs: :mod:`jsd.lora_weights`); this file only maps Cog's inputs and outputs
 onto it. A version trained on Replicate (``train.py``) starts with ``COG_WEIGHTS`` = the trainer's .tar: Cog
 passes it to ``setup(weights)`` and it becomes the default LoRA.
@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 
 from cog import BaseRunner, Input, Path
 
-from jsd import serving
+from jsd import scratch, serving
 from jsd.lora_weights import MAX_LORA_SCALE
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
@@ -40,7 +39,8 @@ class Predictor(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         # One folder for the outputs, emptied at the start of every run: predictions run one at a time
         # (cog.yaml sets no concurrency) and Cog has read the previous outputs before it starts the next.
-        self.output_dir = tempfile.mkdtemp(prefix="jsd-outputs-")
+        # It is removed when the server stops (jsd.scratch: atexit, or the next setup after a crash).
+        self.output_dir = scratch.process_folder("jsd-outputs-")
         folder = os.environ.get("JSD_WEIGHTS", "weights")
         start = time.perf_counter()
         manifest = verify_manifest(folder)  # a damaged or partial checkpoint fails setup here
@@ -100,7 +100,9 @@ class Predictor(BaseRunner):
         ),
         scheduler: str = Input(description="Sampler.", choices=scheduler_names(), default=DEFAULT_SCHEDULER),
         seed: int | None = Input(
-            description="Seed of the first image; image i uses seed + i. Leave empty for a random seed.",
+            description="Seed of the first image; image i uses seed + i (alone, with seed + i, it comes out the same "
+            "up to rounding: at most 1 level per pixel on CPU, more after lossy WebP/JPEG encoding). Leave empty for a "
+            "random seed.",
             ge=0,
             le=serving.MAX_SEED,
             default=None,

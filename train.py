@@ -4,7 +4,7 @@ On Replicate: ``POST /v1/models/{owner}/{name}/versions/{version}/trainings`` wi
 docs/train-on-replicate.md); the trained version then runs ``predict.py`` with ``COG_WEIGHTS`` = this .tar.
 Locally, without Docker::
 
-    python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
+    .venv/bin/python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
 The logic lives in :func:`jsd.training.lora_run.train_lora_archive`; this file only maps Cog's inputs and
 output onto it. (``scripts/train.py`` is the other trainer: full two-stage fine-tuning from the command line.)
@@ -12,14 +12,14 @@ output onto it. (``scripts/train.py`` is the other trainer: full two-stage fine-
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 
 from cog import BaseModel, Input, Path
 
+from jsd import scratch
 from jsd.training import archive
 from jsd.training.lora_run import LoraTrainingSettings, train_lora_archive
 
@@ -27,9 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is local (JSD_WEI
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 logger = logging.getLogger("jsd.train")
-# One folder for the output, emptied when a training starts: trainings run one at a time and Cog has read
-# the previous output by then.
-OUTPUT_DIR = Path(tempfile.gettempdir()) / "jsd-training-output"
 RESOLUTIONS = [256, 384, 512, 640, 768]
 
 
@@ -74,7 +71,9 @@ def train(
     ),
 ) -> TrainingOutput:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)  # the previous training's .tar
+    output_dir = _output_dir()
+    for old in output_dir.iterdir():  # the previous training's .tar: Cog has read it by now
+        old.unlink()
     settings = LoraTrainingSettings(
         caption_prefix=caption_prefix,
         max_train_steps=max_train_steps,
@@ -86,10 +85,22 @@ def train(
         seed=secrets.randbits(31) if seed is None else seed,
     )
     logger.info("Seed %d", settings.seed)
-    tar = OUTPUT_DIR / "jsd-lora.tar"
-    info = train_lora_archive(input_images, tar, settings, base_model=os.environ.get("JSD_WEIGHTS", "weights"))
+    tar = output_dir / "jsd-lora.tar"
+    info = train_lora_archive(
+        input_images,
+        tar,
+        settings,
+        base_model=os.environ.get("JSD_WEIGHTS", "weights"),
+        filename=archive.upload_name(input_images),  # the user's file name, not Cog's temporary copy
+    )
     data = info["data"]
     logger.info(
         "Trained on %d images (%d skipped) in %.0f s", data["images_used"], len(data["skipped"]), info["wall_seconds"]
     )
     return TrainingOutput(weights=Path(tar))
+
+
+@functools.cache
+def _output_dir() -> Path:
+    """This process's folder for the trained .tar (trainings run one at a time), removed when it exits."""
+    return Path(scratch.process_folder("jsd-training-"))

@@ -10,7 +10,12 @@ import platform
 import statistics
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 REPO = Path(__file__).resolve().parents[1]
 RINNA_SPIECE = Path(os.environ.get("JSD_SHARED", REPO.parent / "shared")) / "data" / "tokenizer" / "google_sp.model"

@@ -1,9 +1,9 @@
 """Our pipeline against diffusers' own, on the same components: what does the Japanese front end cost?
 
-    python benchmarks/bench_pipeline.py --threads 1                            # CPU, tiny shapes, 256 px
-    nice python benchmarks/bench_pipeline.py --size full --steps 2 --repeats 3 --threads 1  # CPU, SD v1 shapes
-    python benchmarks/bench_pipeline.py --device cuda                          # GPU: 512 px, 25 and 50 steps
-    python benchmarks/bench_pipeline.py --device cuda --weights weights/       # the same with the real weights
+    .venv/bin/python benchmarks/bench_pipeline.py --threads 1                            # CPU, tiny shapes, 256 px
+    nice .venv/bin/python benchmarks/bench_pipeline.py --size full --steps 2 --repeats 3 --threads 1  # CPU, SD v1
+    .venv/bin/python benchmarks/bench_pipeline.py --device cuda                          # GPU: 512 px, 25 and 50 steps
+    .venv/bin/python benchmarks/bench_pipeline.py --device cuda --weights weights/       # the same, real weights
 
 Two arms, run interleaved (the order alternates every repeat) after one untimed call each:
 
@@ -32,15 +32,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from bench_common import default_tokenizer_model, device_label, median, synchronize  # benchmarks/ is on sys.path
-from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+try:
+    import numpy as np
+    import torch
+    from bench_common import default_tokenizer_model, device_label, median, synchronize  # benchmarks/ is on sys.path
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
-from jsd import JapaneseStableDiffusionPipeline, JapaneseTokenizer
-from jsd.optimize import optimize_pipeline, serving_dtype
-from jsd.tiny import build_pipeline, corpus_lines
-from jsd.tokenizer_training import train_sentencepiece
+    from jsd import JapaneseStableDiffusionPipeline, JapaneseTokenizer
+    from jsd.optimize import optimize_pipeline, serving_dtype
+    from jsd.tiny import build_pipeline, corpus_lines
+    from jsd.tokenizer_training import train_sentencepiece
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 PROMPT = "サラリーマン 油絵"
 TARGET_RATIO = 1.03

@@ -1,8 +1,8 @@
 """Cold start: ``Predictor.setup()`` on the served layout against the 2022 loading path.
 
-    nice python benchmarks/bench_setup.py                        # full-size random weights (~2 GB + ~4.3 GB in /tmp)
-    python benchmarks/bench_setup.py --size tiny --repeats 1     # a quick check of the harness
-    python benchmarks/bench_setup.py --device cuda               # on a GPU host (both arms end on the GPU)
+    nice .venv/bin/python benchmarks/bench_setup.py                    # full-size random weights (~6.3 GB in /tmp)
+    .venv/bin/python benchmarks/bench_setup.py --size tiny --repeats 1 # a quick check of the harness
+    .venv/bin/python benchmarks/bench_setup.py --device cuda           # on a GPU host (both arms end on the GPU)
 
 It writes one seeded checkpoint twice under a temporary folder (deleted afterwards unless ``--keep``):
 

@@ -1,7 +1,7 @@
 """What verifying the served checkpoint costs at start-up: three ways of hashing the same bytes.
 
-    python benchmarks/bench_verify.py                 # the real sizes: about 2.7 GB written to a temp folder
-    python benchmarks/bench_verify.py --scale 0.1     # the same proportions at a tenth of the size
+    .venv/bin/python benchmarks/bench_verify.py                 # the real sizes: about 2.7 GB written to a temp folder
+    .venv/bin/python benchmarks/bench_verify.py --scale 0.1     # the same proportions at a tenth of the size
 
 The files have the sizes of the fp16 served checkpoint (UNet 1.72 GB, safety checker 0.61 GB, text
 encoder 0.25 GB, VAE 0.17 GB; random bytes: sha256 speed does not depend on content), with a
@@ -28,7 +28,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from jsd.manifest import sha256_file, verify_manifest, write_manifest
+try:
+    from jsd.manifest import sha256_file, verify_manifest, write_manifest
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 # Bytes of each weights file of the fp16 served checkpoint (parameters × 2).
 SERVED_SIZES = {

@@ -639,7 +639,8 @@ def _predict(cog_local: ModuleType, url: str, inputs: dict, folder: Path) -> tup
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     if status != 200 or body.get("status") != "succeeded":
-        raise RuntimeError(f"prediction failed ({status} {body.get('status')}): {cog_local.error_text(status, body)}")
+        outcome = f"Prediction {body.get('status')}" if status == 200 else f"The server answered HTTP {status}"
+        raise RuntimeError(f"{outcome}: {cog_local.error_text(status, body)}")
     return seconds, cog_local.write_outputs(body["output"], folder)
 
 
@@ -1208,6 +1209,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("diffusers") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("diffusers")
     started = time.perf_counter()
     args = parse_args(argv)
     if args.child_setup:

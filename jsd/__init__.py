@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from jsd.notices import drop_known_notices
+
 __version__ = "0.1.0"
+drop_known_notices()  # before transformers or diffusers are imported: some notices come at import time
 
 _EXPORTS = {
     "JapaneseStableDiffusionPipeline": "jsd.pipelines",

@@ -1,9 +1,9 @@
-"""Command line: ``python -m jsd generate "プロンプト" -o out.png``, ``python -m jsd tokenize "プロンプト"``.
+"""Command line: ``jsd generate "プロンプト" -o out.png`` and ``jsd tokenize "プロンプト"`` (the venv's ``jsd``).
 
-python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
-python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
-python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
-python -m jsd tokenize "サラリーマン (油絵:1.3)" --prompt_weighting                  # token report
+.venv/bin/python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
+.venv/bin/python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
+.venv/bin/python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
+.venv/bin/python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", "--prompt_strength", dest="prompt_strength", type=float, default=0.8)
     gen.add_argument("--disable_safety_checker", "--disable-safety-checker", action="store_true")
     gen.add_argument(
-        "--prompt_weighting", "--prompt-weighting", action="store_true", help="parse (text:1.3) emphasis weights"
+        "--prompt_weighting",
+        "--prompt-weighting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read (text:1.3) as an emphasis weight (default, as Cog's `prompt_weighting`); "
+        "--no-prompt_weighting: brackets are plain text",
     )
     gen.add_argument(
         "--lora_weights", "--lora-weights", help="a LoRA: URL, data URI or path of a trainer .tar or a .safetensors"
@@ -63,8 +68,9 @@ def _add_tokenize_parser(commands) -> None:
     tok.add_argument(
         "--prompt_weighting",
         "--prompt-weighting",
-        action="store_true",
-        help="parse (text:1.3) weights, as prompt_weighting=True in the library (on by default in the Cog predictor)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read (text:1.3) as a weight, as `jsd generate` and Cog do by default; --no-prompt_weighting: plain text",
     )
     tok.add_argument("--max_prompt_chunks", "--max-prompt-chunks", type=int, default=3, help="chunks of 77 ids kept")
     tok.set_defaults(func=cmd_tokenize)

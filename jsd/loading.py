@@ -17,6 +17,7 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import CLIPImageProcessorPil, CLIPTextModel
 
 from jsd.manifest import MANIFEST_FILE
+from jsd.notices import no_loading_bars
 from jsd.tokenizer import JapaneseTokenizer
 
 logger = logging.getLogger(__name__)
@@ -73,27 +74,30 @@ def load_components(
     _require_folders(folder, ("tokenizer", "text_encoder", "unet", "vae", "scheduler"))
     if use_safetensors is None and (folder / MANIFEST_FILE).is_file():
         use_safetensors = True  # served folders never unpickle anything
-    kw = {"torch_dtype": torch_dtype}
-    components = {
-        "tokenizer": JapaneseTokenizer.from_pretrained(folder / "tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(
-            folder / "text_encoder", dtype=torch_dtype, **_weights_kwargs(folder / "text_encoder", use_safetensors)
-        ),
-        "unet": UNet2DConditionModel.from_pretrained(
-            folder / "unet", **kw, **_weights_kwargs(folder / "unet", use_safetensors)
-        ),
-        "vae": AutoencoderKL.from_pretrained(folder / "vae", **kw, **_weights_kwargs(folder / "vae", use_safetensors)),
-        "scheduler": load_scheduler(folder / "scheduler"),
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    if load_safety_checker and (folder / "safety_checker").is_dir():
-        components["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
-            folder / "safety_checker",
-            dtype=torch_dtype,
-            **_weights_kwargs(folder / "safety_checker", use_safetensors),
-        )
-        components["feature_extractor"] = CLIPImageProcessorPil.from_pretrained(folder / "feature_extractor")
+    with no_loading_bars():  # transformers draws one per model: two log lines a user cannot act on
+        kw = {"torch_dtype": torch_dtype}
+        components = {
+            "tokenizer": JapaneseTokenizer.from_pretrained(folder / "tokenizer"),
+            "text_encoder": CLIPTextModel.from_pretrained(
+                folder / "text_encoder", dtype=torch_dtype, **_weights_kwargs(folder / "text_encoder", use_safetensors)
+            ),
+            "unet": UNet2DConditionModel.from_pretrained(
+                folder / "unet", **kw, **_weights_kwargs(folder / "unet", use_safetensors)
+            ),
+            "vae": AutoencoderKL.from_pretrained(
+                folder / "vae", **kw, **_weights_kwargs(folder / "vae", use_safetensors)
+            ),
+            "scheduler": load_scheduler(folder / "scheduler"),
+            "safety_checker": None,
+            "feature_extractor": None,
+        }
+        if load_safety_checker and (folder / "safety_checker").is_dir():
+            components["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained(
+                folder / "safety_checker",
+                dtype=torch_dtype,
+                **_weights_kwargs(folder / "safety_checker", use_safetensors),
+            )
+            components["feature_extractor"] = CLIPImageProcessorPil.from_pretrained(folder / "feature_extractor")
     return components
 
 

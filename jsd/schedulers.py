@@ -67,7 +67,8 @@ def scheduler_names() -> list[str]:
 def check_scheduler_name(name: object) -> str:
     """``name`` if it is a known scheduler, else a ``ValueError`` that lists the allowed names."""
     if not isinstance(name, str) or name not in SCHEDULERS:
-        raise ValueError(f"`scheduler` must be one of {', '.join(map(repr, SCHEDULERS))}; got {name!r}.")
+        got = repr(name) if len(repr(name)) <= 80 else f"{repr(name)[:80]}… ({len(repr(name)):,} characters)"
+        raise ValueError(f"`scheduler` must be one of {', '.join(map(repr, SCHEDULERS))}; got {got}.")
     if SCHEDULERS[name].cls is LMSDiscreteScheduler and not is_scipy_available():
         # diffusers' LMS integrates its coefficients with scipy; fail before any model work.
         raise ValueError("`scheduler` 'LMS' needs scipy: pip install 'jsd[serve]' (or scipy==1.17.1).")

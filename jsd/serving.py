@@ -13,8 +13,9 @@ What a user can rely on:
   raises :class:`InputError` naming the input, the value and what is allowed;
 - ``prompt`` and ``negative_prompt`` hold at most :data:`MAX_PROMPT_CHARS` characters and no control
   characters other than tab, newline and carriage return (they are embedded in every output file's metadata);
-- image ``i`` of a request uses its own generator seeded ``seed + i``, so it can be reproduced alone
-  with ``num_outputs=1`` and ``seed=seed + i``;
+- image ``i`` of a request uses its own generator seeded ``seed + i``: the same request gives the same
+  images, and ``num_outputs=1`` with ``seed=seed + i`` gives the same picture up to rounding (a batch of one
+  takes another arithmetic path: on CPU at most 1 level per pixel before lossy WebP/JPEG encoding);
 - a new scheduler is built for every call, so no sampler state leaks from one request into the next;
 - NSFW is judged per image: flagged images are dropped, and only a request whose images are all
   flagged fails (:class:`NSFWError`);
@@ -108,7 +109,7 @@ class GenerationRequest:
     output_format: str = "webp"
     output_quality: int = 90  # webp/jpg only
     disable_safety_checker: bool = False
-    prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
+    prompt_weighting: bool = True  # parse "(text:1.3)" weights (jsd.prompting), as Cog's input and `jsd generate` do
     lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora_weights); None: the generator's default
     lora_scale: float = 1.0  # 0: the base model exactly
 
@@ -133,14 +134,17 @@ class GenerationRequest:
         seed = secrets.randbits(63) if self.seed is None else _check_int("seed", self.seed, 0, MAX_SEED)
         _check_float("prompt_strength", self.prompt_strength, 0.0, 1.0)
         if not isinstance(self.output_format, str) or self.output_format not in OUTPUT_FORMATS:
-            raise InputError(f"`output_format` must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}.")
+            allowed = ", ".join(OUTPUT_FORMATS)
+            raise InputError(f"`output_format` must be one of {allowed}; got {shown(self.output_format)}.")
         _check_int("output_quality", self.output_quality, 1, 100)
         if not isinstance(self.disable_safety_checker, bool):
-            raise InputError(f"`disable_safety_checker` must be true or false, got {self.disable_safety_checker!r}.")
+            got = shown(self.disable_safety_checker)
+            raise InputError(f"`disable_safety_checker` must be true or false, got {got}.")
         if not isinstance(self.prompt_weighting, bool):
-            raise InputError(f"`prompt_weighting` must be true or false, got {self.prompt_weighting!r}.")
+            raise InputError(f"`prompt_weighting` must be true or false, got {shown(self.prompt_weighting)}.")
         if self.lora_weights is not None and not isinstance(self.lora_weights, str):
-            raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {self.lora_weights!r}.")
+            got = shown(self.lora_weights)
+            raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {got}.")
         _check_float("lora_scale", self.lora_scale, 0.0, lora_weights.MAX_LORA_SCALE)
         image, mask = self._decode_images()
         return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
@@ -185,7 +189,7 @@ class ValidatedRequest:
 
 @dataclass
 class GeneratedImage:
-    """One returned image and the settings that reproduce it alone (``num_outputs=1``, this ``seed``)."""
+    """One returned image and the settings that make it again alone (``num_outputs=1``, this ``seed``)."""
 
     image: Image.Image
     seed: int
@@ -475,9 +479,21 @@ def _xmp_packet(metadata: dict[str, str]) -> bytes:
     ).encode()
 
 
+SHOWN_CHARS = 80  # of a bad value echoed in an error message: the reason must not drown after 2,000 characters
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut after ``limit`` characters: ``'猫猫…' (2,345 characters)``."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} characters as text"
+    return f"{text[:limit]}… ({size})"
+
+
 def _check_text(name: str, value: object) -> None:
     if not isinstance(value, str):
-        raise InputError(f"`{name}` must be text, got {type(value).__name__}: {value!r}.")
+        raise InputError(f"`{name}` must be text, got {type(value).__name__}: {shown(value)}.")
     if len(value) > MAX_PROMPT_CHARS:
         raise InputError(
             f"`{name}` has {len(value):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed (the model reads "
@@ -498,7 +514,7 @@ def _check_text(name: str, value: object) -> None:
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"`{name}` must be an integer between {low} and {high}, got {value!r}.")
+        raise InputError(f"`{name}` must be an integer between {low} and {high}, got {shown(value)}.")
     if not low <= value <= high:
         raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
     return value
@@ -506,7 +522,7 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 def _check_float(name: str, value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
-        raise InputError(f"`{name}` must be a number between {low} and {high}, got {value!r}.")
+        raise InputError(f"`{name}` must be a number between {low} and {high}, got {shown(value)}.")
     if not low <= value <= high:
         raise InputError(f"`{name}` must be between {low} and {high}, got {value}.")
     return float(value)

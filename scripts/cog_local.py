@@ -1,11 +1,11 @@
 """Cog without Docker: serve predict.py with coglet (Cog 0.23's server), or run one prediction.
 
-    python scripts/cog_local.py serve --port 5000                  # http://127.0.0.1:5000/predictions
-    python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
-    python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
-    python scripts/cog_local.py schema                             # print the OpenAPI schema
-    python scripts/cog_local.py serve --train --port 5001          # the trainer: POST /trainings
-    python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
+    .venv/bin/python scripts/cog_local.py serve --port 5000                  # http://127.0.0.1:5000/predictions
+    .venv/bin/python scripts/cog_local.py predict -i prompt="サラリーマン 油絵" -i seed=42 -o outputs/
+    .venv/bin/python scripts/cog_local.py predict -i image=@photo.png -i prompt_strength=0.6 -o outputs/
+    .venv/bin/python scripts/cog_local.py schema                             # print the OpenAPI schema
+    .venv/bin/python scripts/cog_local.py serve --train --port 5001          # the trainer: POST /trainings
+    .venv/bin/python scripts/cog_local.py train -i input_images=@data.zip -i max_train_steps=500 -o out/
 
 ``serve`` writes ``.cog/openapi_schema.json`` from the predictor with Cog's own inspection (what
 ``cog build`` would do; without it coglet validates no input) and starts coglet with this venv's
@@ -27,18 +27,21 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import importlib.util
 import json
 import mimetypes
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -305,16 +308,33 @@ def running_server(
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 10) -> None:
-    """Stop coglet and its worker (the process group this script started), forcefully if it lingers."""
+    """Stop coglet and its worker (the process group this script started), forcefully if they linger.
+
+    SIGTERM goes to coglet alone: it then stops its worker through their control channel, and the worker
+    exits normally, running the predictor's exit handlers (``jsd.scratch`` removes the output folder). A
+    SIGTERM to the whole group would kill the worker at once (it keeps SIGTERM's default action).
+    """
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=timeout)
+    _wait_for_group(process.pid, timeout)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived coglet
+
+
+def _wait_for_group(pgid: int, timeout: float) -> None:
+    """Wait until no process of group ``pgid`` is left (the worker finishing its exit), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 # ---- predictions ----------------------------------------------------------------------------------
@@ -391,7 +411,7 @@ def parse_inputs(pairs: list[str], schema: dict) -> dict:
             raise SystemExit(f"-i expects key=value, got {pair!r}.")
         if key not in properties:
             raise SystemExit(f"Unknown input {key!r}; inputs are: {', '.join(properties)}.")
-        inputs[key] = _typed(value, _json_type(properties[key], schema))
+        inputs[key] = _typed(key, value, _json_type(properties[key], schema))
     return inputs
 
 
@@ -401,7 +421,7 @@ def _json_type(prop: dict, schema: dict) -> dict:
     return prop
 
 
-def _typed(value: str, prop: dict):
+def _typed(key: str, value: str, prop: dict):
     kind = prop.get("type")
     try:
         if kind == "integer":
@@ -412,14 +432,26 @@ def _typed(value: str, prop: dict):
         return value  # sent as typed; the server's validation names the input
     if kind == "boolean":
         return {"true": True, "false": False}.get(value.lower(), value)
-    if prop.get("format") == "uri" and not value.startswith(("http://", "https://", "data:")):
-        return _data_uri(Path(value.removeprefix("@")))
+    remote = value.startswith(("http://", "https://", "data:"))
+    if prop.get("format") == "uri" and not remote:
+        return _data_uri(key, Path(value.removeprefix("@")))
+    if _takes_a_file(prop) and not remote and (value.startswith("@") or Path(value).is_file()):
+        return _data_uri(key, Path(value.removeprefix("@")))
     return value
 
 
-def _data_uri(path: Path) -> str:
+def _takes_a_file(prop: dict) -> bool:
+    """A text input that also takes a file as a data URI (``lora_weights``: "an http(s) URL, data URI or path").
+
+    A local file given to it, as ``@path`` (``cog predict``'s habit for files) or a plain path, is sent as a
+    data URI: the server may run in another folder, or on another machine.
+    """
+    return prop.get("type") == "string" and "data URI" in prop.get("description", "")
+
+
+def _data_uri(key: str, path: Path) -> str:
     if not path.is_file():
-        raise SystemExit(f"Input file {path} does not exist.")
+        raise SystemExit(f"-i {key}: no such file {path} (relative paths start from {Path.cwd()}).")
     mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
@@ -465,12 +497,35 @@ def clean_error(text: str) -> str:
 
 
 def error_text(status: int, body: dict) -> str:
-    """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body."""
+    """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body.
+
+    A long value the server echoes is cut (:func:`shorten_echoes`).
+    """
     if status == 422 and isinstance(body.get("detail"), list):
-        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
-    if body.get("error"):
-        return clean_error(str(body["error"]))
-    return str(body.get("detail") or body)
+        text = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
+    elif body.get("error"):
+        text = clean_error(str(body["error"]))
+    else:
+        text = str(body.get("detail") or body)
+    return shorten_echoes(text)
+
+
+SHOWN_CHARS = 80  # of an echoed value: the reason must not drown after 2,000 characters
+# coglet's 422 quotes the whole value before the reason: `"猫猫…(2,345 characters)…" is longer than 2000 characters`
+_LONG_QUOTED = re.compile(rf'"((?:[^"\\]|\\.){{{SHOWN_CHARS + 1},}})"', flags=re.DOTALL)
+
+
+def shorten_echoes(text: str) -> str:
+    """Each quoted value longer than :data:`SHOWN_CHARS`, cut to its start and length: ``"猫…" (2,345 characters)``."""
+
+    def cut(match: re.Match) -> str:
+        try:
+            value = json.loads(match.group(0))  # the JSON string coglet wrote
+        except json.JSONDecodeError:
+            value = match.group(1)
+        return f'"{value[:SHOWN_CHARS]}…" ({len(value):,} characters)'
+
+    return _LONG_QUOTED.sub(cut, text)
 
 
 # ---- trainings (train mode) -------------------------------------------------------------------------
@@ -589,14 +644,8 @@ def cmd_train(args) -> int:
 
 def _train_at(url: str, inputs: dict, args) -> int:
     status, body = post_training(url, inputs)
-    if body.get("logs"):
-        print(body["logs"].rstrip(), file=sys.stderr)
-    if status != 200 or body.get("status") != "succeeded":
-        print(f"Training failed ({status} {body.get('status', '')}): {error_text(status, body)}", file=sys.stderr)
-        return 1
-    for path in write_training_output(body["output"], Path(args.output)):
-        print(path)
-    return 0
+    write = functools.partial(write_training_output, folder=Path(args.output))
+    return finish_job("Training", url, status, body, write, names=sent_file_names(args.input, inputs))
 
 
 def cmd_serve_train(args) -> int:
@@ -670,18 +719,63 @@ def _at_local_server(args, schema: dict, *, train: bool, then) -> int:
 
 def _predict_at(url: str, inputs: dict, args) -> int:
     status, body = post_prediction(url, inputs)
+    write = functools.partial(write_outputs, folder=Path(args.output))
+    return finish_job("Prediction", url, status, body, write, names=sent_file_names(args.input, inputs))
+
+
+def finish_job(kind: str, url: str, status: int, body: dict, write, *, names: dict[str, str] | None = None) -> int:
+    """Print a prediction's or training's logs and its outcome in one sentence, write its outputs; 0 on success.
+
+    ``kind``: "Prediction" or "Training" (the failure reads "Training failed: `input_images` …");
+    ``write(output)`` writes the files and returns their paths; ``names``: the local file sent for an input,
+    shown after the input's name in the error (the server only saw a data URI).
+    """
+    remove_coglet_folder(url, body.get("id"))
     if body.get("logs"):
         print(body["logs"].rstrip(), file=sys.stderr)
-    if status == 200 and body.get("status") != "succeeded":
-        print(f"Prediction {body.get('status')}: {error_text(status, body)}", file=sys.stderr)
-        return 1
-    if status != 200:
+    if status == 200 and body.get("status") == "succeeded":
+        for path in write(body["output"]):
+            print(path)
+        return 0
+    error = with_file_names(error_text(status, body), names or {})
+    if status == 200:
+        print(f"{kind} {body.get('status')}: {error}", file=sys.stderr)
+    else:
         what = "Invalid input" if status == 422 else f"The server answered HTTP {status}"
-        print(f"{what}: {error_text(status, body)}", file=sys.stderr)
-        return 1
-    for path in write_outputs(body["output"], Path(args.output)):
-        print(path)
-    return 0
+        print(f"{what}: {error}", file=sys.stderr)
+    return 1
+
+
+def sent_file_names(pairs: list[str], inputs: dict) -> dict[str, str]:
+    """``{input: file name}`` for every ``-i key=@path`` (or path) sent as a data URI."""
+    names = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if str(inputs.get(key, "")).startswith("data:") and not value.startswith("data:"):
+            names[key] = Path(value.removeprefix("@")).name
+    return names
+
+
+def with_file_names(error: str, names: dict[str, str]) -> str:
+    """``error`` with the user's file name after each input that names none: "`input_images` (data.zip) …"."""
+    for key, name in names.items():
+        error = re.sub(rf"`{re.escape(key)}`(?! \()", lambda _, key=key, name=name: f"`{key}` ({name})", error, count=1)
+    return error
+
+
+# coglet 0.23 makes /tmp/coglet/predictions/{id}/inputs and .../outputs for every prediction and training
+# (a fixed path in coglet's Rust code, whatever TMPDIR says) and leaves them behind, empty.
+COGLET_JOBS = Path("/tmp/coglet/predictions")
+
+
+def remove_coglet_folder(url: str, job_id: str | None) -> None:
+    """Remove coglet's empty folder of a finished job, when the server runs on this machine."""
+    host = urllib.parse.urlsplit(url).hostname
+    folder = COGLET_JOBS / str(job_id)
+    if not job_id or host not in ("127.0.0.1", "localhost", "::1") or not folder.is_dir() or folder.is_symlink():
+        return
+    if not any(path.is_file() or path.is_symlink() for path in folder.rglob("*")):  # only ever empty folders
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _job_parser(sub, name: str, job: str, outputs: str, weights: str, weights_help: str) -> argparse.ArgumentParser:
@@ -696,6 +790,10 @@ def _job_parser(sub, name: str, job: str, outputs: str, weights: str, weights_he
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("cog") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("cog")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     weights = os.environ.get("JSD_WEIGHTS", "weights")

@@ -1,7 +1,7 @@
 """Check a built image of this model in Docker: it serves, validates, predicts, fails safe and stops.
 
-    python scripts/container_checks.py --image jsd:cpu            # what `make container-test` runs after the build
-    python scripts/container_checks.py --image jsd:cpu --docker /usr/bin/docker --setup-timeout 600
+    .venv/bin/python scripts/container_checks.py --image jsd:cpu    # what `make container-test` runs after the build
+    .venv/bin/python scripts/container_checks.py --image jsd:cpu --docker /usr/bin/docker --setup-timeout 600
 
 Every check prints one ``PASS``/``FAIL`` line with its figures or its reason; the exit status is 1 when any
 fails. Containers run with ``--network host`` (the server on 127.0.0.1 and a free ``$PORT``) or
@@ -31,7 +31,12 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image
+try:
+    from PIL import Image
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_LIMIT = 10.0  # seconds `docker stop` may take: Docker's own grace period before SIGKILL

@@ -1,6 +1,6 @@
 """`make demo`: images from "サラリーマン 油絵" through the Cog predictor (``Predictor.setup()`` + ``run()``).
 
-    python scripts/demo.py                 # weights from $JSD_WEIGHTS or weights/, images into outputs/
+    .venv/bin/python scripts/demo.py                 # weights from $JSD_WEIGHTS or weights/, images into outputs/
 
 With real weights in ``weights/`` (a manifest from scripts/download_weights.py or scripts/train.py)
 it uses them. Otherwise it writes the tiny seeded checkpoint there first (rinna's real tokenizer from
@@ -44,8 +44,8 @@ def ensure_weights(folder: Path) -> str:
     kind = weights_kind(folder)
     if kind == "unknown":
         raise SystemExit(
-            f"{folder} holds files but no manifest.json: finish `python scripts/download_weights.py`, or move "
-            f"{folder} away so the demo can write the tiny checkpoint there."
+            f"{folder} holds files but no manifest.json: finish `.venv/bin/python scripts/download_weights.py`, or "
+            f"move {folder} away so the demo can write the tiny checkpoint there."
         )
     if kind == "tiny":
         try:
@@ -83,6 +83,10 @@ def run_inputs(predictor, **inputs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("jsd") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("jsd")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.environ.get("JSD_WEIGHTS", "weights"))
     parser.add_argument("--output", default="outputs", help="folder for the images (default: %(default)s)")

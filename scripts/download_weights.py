@@ -2,9 +2,9 @@
 
     # once: accept the CreativeML OpenRAIL-M license on https://huggingface.co/rinna/japanese-stable-diffusion
     export HF_TOKEN=hf_...                       # a read token of that account
-    python scripts/download_weights.py           # → weights/ (fp16 safetensors + manifest.json)
-    python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
-    python scripts/download_weights.py --verify-only weights/                                 # check a folder
+    .venv/bin/python scripts/download_weights.py           # → weights/ (fp16 safetensors + manifest.json)
+    .venv/bin/python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
+    .venv/bin/python scripts/download_weights.py --verify-only weights/                                 # check a folder
 
 Only the files serving needs are fetched (configs, tokenizer, the weights of unet, vae,
 text_encoder and safety_checker), into the Hugging Face cache: an interrupted download resumes
@@ -15,6 +15,7 @@ Rerun the same command after any interruption; on a complete folder it is a quic
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -115,6 +116,10 @@ def is_local(source: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if importlib.util.find_spec("huggingface_hub") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("huggingface_hub")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jsd.convert import ConversionError

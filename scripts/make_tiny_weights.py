@@ -1,8 +1,8 @@
 """Write a tiny (or full-size) seeded checkpoint in the served layout.
 
-python scripts/make_tiny_weights.py weights/
-python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
-python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
+.venv/bin/python scripts/make_tiny_weights.py weights/
+.venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
+.venv/bin/python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
 """
 
 from __future__ import annotations
@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+try:
+    import torch
 
-from jsd.tiny import make_checkpoint
+    from jsd.tiny import make_checkpoint
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

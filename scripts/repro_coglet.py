@@ -1,7 +1,7 @@
 """Minimal reproductions of two coglet (Cog 0.23) behaviours, for an upstream bug report.
 
-    python scripts/repro_coglet.py              # 1,000 sequential predictions (about 10 s)
-    python scripts/repro_coglet.py -n 200
+    .venv/bin/python scripts/repro_coglet.py              # 1,000 sequential predictions (about 10 s)
+    .venv/bin/python scripts/repro_coglet.py -n 200
 
 Needs only ``pip install cog`` (which pulls coglet): no jsd, no torch. It writes a four-line runner
 into a temporary folder, starts ``python -m cog.server.http`` on 127.0.0.1 and then:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import signal
@@ -53,6 +54,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def main() -> int:
+    if importlib.util.find_spec("coglet") is None:  # started by a Python without the project's packages
+        from _venv import exit_with_hint  # this file's folder is sys.path[0]
+
+        exit_with_hint("coglet")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=1000, help="sequential predictions (default: %(default)s)")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ One GPU:
         --gradient_checkpointing --max_train_steps 10000 --checkpointing_steps 500 --resume_from_checkpoint latest
 Several GPUs: ``accelerate launch --multi_gpu --num_processes 8 scripts/train.py …`` (or ``torchrun``).
 CPU, 2 processes: ``torchrun --standalone --nproc_per_node 2 scripts/train.py …``.
-Every flag: ``python scripts/train.py --help``; the README section "Fine-tuning" has the whole recipe.
+Every flag: ``.venv/bin/python scripts/train.py --help``; the README section "Fine-tuning" has the whole recipe.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from jsd.training.config import parse_config
-from jsd.training.trainer import train
+try:
+    from jsd.training.config import parse_config
+    from jsd.training.trainer import train
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

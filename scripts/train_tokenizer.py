@@ -1,8 +1,8 @@
 """Train a Japanese sentencepiece tokenizer with rinna's special-token layout (for stage 1 from scratch).
 
-    python scripts/train_tokenizer.py --captions data/captions.txt data/images/metadata.jsonl \
+    .venv/bin/python scripts/train_tokenizer.py --captions data/captions.txt data/images/metadata.jsonl \
         --vocab_size 32000 --output my-tokenizer
-    python scripts/train.py --config configs/train/stage1.json --tokenizer_name my-tokenizer …
+    .venv/bin/python scripts/train.py --config configs/train/stage1.json --tokenizer_name my-tokenizer …
 
 A ``.txt`` file holds one caption per line; a ``.jsonl`` file (e.g. ``metadata.jsonl``) one JSON
 object per line, whose ``--caption_column`` is read.
@@ -16,7 +16,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from jsd.tokenizer_training import CONTROL_SYMBOLS, train_sentencepiece
+try:
+    from jsd.tokenizer_training import CONTROL_SYMBOLS, train_sentencepiece
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 SAMPLE = "富士山の上に浮かぶ赤い風船、水彩画"
 

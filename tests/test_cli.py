@@ -34,7 +34,7 @@ def test_generate_writes_images_and_prints_reproducible_seeds(tmp_path, capsys, 
     out = generate(capsys, *common, "--seed", "7", "--num_outputs", "2", "-o", str(tmp_path / "a.png"))
     assert "seed: 7" in out
     assert read_metadata(tmp_path / "a-1.png")["seed"] == "8"
-    assert read_metadata(tmp_path / "a-1.png")["prompt_weighting"] == "False"
+    assert read_metadata(tmp_path / "a-1.png")["prompt_weighting"] == "True"  # as Cog's default
     first, second = Image.open(tmp_path / "a-0.png"), Image.open(tmp_path / "a-1.png")
     assert first.size == (128, 128)
     # image 1 of a batch is reproducible alone from its own seed (seed + 1); batched float maths may
@@ -81,9 +81,9 @@ def test_img2img_and_inpaint(tmp_path, capsys, tiny_checkpoint):
     mask.save(tmp_path / "mask.png")
     common = ["猫", "--weights", str(tiny_checkpoint), "--width", "128", "--height", "128", "--steps", "2"]
     generate(
-        capsys, *common, "--image", str(tmp_path / "in.png"), "--prompt_weighting", "-o", str(tmp_path / "i2i.png")
+        capsys, *common, "--image", str(tmp_path / "in.png"), "--no-prompt_weighting", "-o", str(tmp_path / "i2i.png")
     )
-    assert read_metadata(tmp_path / "i2i.png")["prompt_weighting"] == "True"
+    assert read_metadata(tmp_path / "i2i.png")["prompt_weighting"] == "False"
     assert Image.open(tmp_path / "i2i.png").size == (128, 128)
     generate(
         capsys,

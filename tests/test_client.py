@@ -132,6 +132,71 @@ def test_clean_error_drops_coglets_prefixes_and_the_class_name(raw, clean):
     assert cog_local.clean_error(raw) == clean
 
 
+def test_a_failed_training_reads_as_one_sentence_naming_the_users_file(capsys):
+    body = {"status": "failed", "error": "Prediction failed: Training failed: DatasetError: `input_images` is empty."}
+    pairs = ["input_images=@some/dir/data.zip", "max_train_steps=5"]
+    names = cog_local.sent_file_names(pairs, {"input_images": "data:x", "max_train_steps": 5})
+
+    assert cog_local.finish_job("Training", "http://127.0.0.1:1", 200, body, None, names=names) == 1
+    assert capsys.readouterr().err == "Training failed: `input_images` (data.zip) is empty.\n"
+    canceled = {"status": "canceled", "error": None}
+    assert cog_local.finish_job("Training", "http://127.0.0.1:1", 200, canceled, None) == 1
+    assert capsys.readouterr().err.startswith("Training canceled: ")
+
+
+def test_a_long_echoed_value_is_cut_to_its_start_and_length():
+    # coglet's 422 for a prompt over max_length, as it answers (the JSON string of the value, then the reason)
+    msg = json.dumps("猫" * 2345, ensure_ascii=False) + " is longer than 2000 characters"
+    body = {"detail": [{"loc": ["body", "input", "prompt"], "msg": msg, "type": "value_error"}]}
+
+    text = cog_local.error_text(422, body)
+
+    assert text == 'body.input.prompt: "' + "猫" * 80 + '…" (2,345 characters) is longer than 2000 characters'
+    assert cog_local.error_text(422, {"detail": [{"loc": ["x"], "msg": '"short" is bad'}]}) == 'x: "short" is bad'
+
+
+def test_the_library_cuts_a_long_bad_value_in_its_message():
+    from jsd.serving import GenerationRequest, InputError
+
+    with pytest.raises(InputError) as err:
+        GenerationRequest(output_format="webp" * 1000).validate()
+    assert str(err.value).endswith("… (4,000 characters).") and len(str(err.value)) < 200
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return cog_local.openapi_schema()  # the predictor's, from Cog's inspection
+
+
+def test_a_lora_file_given_with_at_or_as_a_path_is_sent_as_a_data_uri(schema, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "weights.tar").write_bytes(b"tar bytes")
+    monkeypatch.chdir(tmp_path)
+
+    for value in ("@out/weights.tar", "out/weights.tar"):
+        sent = cog_local.parse_inputs([f"lora_weights={value}"], schema)["lora_weights"]
+        assert sent == "data:application/x-tar;base64," + base64.b64encode(b"tar bytes").decode()
+    urls = ["https://example.com/w.safetensors", "data:;base64,AA=="]
+    assert [cog_local.parse_inputs([f"lora_weights={u}"], schema)["lora_weights"] for u in urls] == urls
+    assert cog_local.parse_inputs(["prompt=@猫"], schema) == {"prompt": "@猫"}  # text inputs stay text
+    with pytest.raises(SystemExit, match=r"-i lora_weights: no such file out/missing\.tar"):
+        cog_local.parse_inputs(["lora_weights=@out/missing.tar"], schema)
+
+
+def test_coglets_empty_job_folder_is_removed_for_a_local_server_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(cog_local, "COGLET_JOBS", tmp_path)
+    for job in ("pred_a", "pred_b", "pred_c"):
+        (tmp_path / job / "inputs").mkdir(parents=True)
+        (tmp_path / job / "outputs").mkdir()
+    (tmp_path / "pred_b" / "outputs" / "kept.png").write_bytes(b"x")
+
+    for job in ("pred_a", "pred_b"):
+        cog_local.remove_coglet_folder("http://127.0.0.1:5000", job)
+    cog_local.remove_coglet_folder("http://example.com:5000", "pred_c")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred_b", "pred_c"]  # a file inside: left alone
+
+
 # ---- the real coglet ---------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import tarfile
 import zipfile
 from pathlib import Path
@@ -79,6 +80,40 @@ def test_unusable_files_are_skipped_and_counted_the_rest_trains(tmp_path):
     assert report.skipped["bad.png"].startswith("unreadable image")
     assert report.skipped["nocap.png"] == "no caption (txt)" and report.skipped["notes.pdf"] == "not an image"
     assert sorted(metadata(report.folder)) == ["0.png", "1.png"]  # macOS junk ignored, not trained on
+
+
+def test_a_corrupt_image_is_reported_as_unreadable_captioned_or_not(tmp_path):
+    files = {"0.png": png_bytes(0), "0.txt": "猫", "corrupt.png": b"\x89PNG nope", "also.png": b"\xff\xd8 nope"}
+    files |= {"also.txt": "犬"}  # one corrupt image with a caption, one without
+
+    report = prepare_dataset(write_zip(tmp_path / "c.zip", files), tmp_path / "c")
+
+    assert report.skipped["corrupt.png"].startswith("unreadable image")  # not "no caption"
+    assert report.skipped["also.png"].startswith("unreadable image")
+
+
+def test_errors_name_the_users_file_not_cogs_temporary_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive.tempfile, "gettempdir", lambda: str(tmp_path))
+    # cog/types.py URLPath.convert: NamedTemporaryFile(suffix=<the URL's file name>, or "file.zip" for a data URI)
+    assert archive.upload_name(tmp_path / "tmpab_d1234my-photos.zip") == "my-photos.zip"
+    assert archive.upload_name(tmp_path / "tmpfaokml3efile.zip") == ""  # a data URI: no name
+    assert archive.upload_name(Path("/home/me/data.zip")) == "data.zip"  # the user's own path
+
+    empty = write_zip(tmp_path / "tmpfaokml3efile.zip", {})
+    with pytest.raises(DatasetError, match=r"^`input_images` is empty"):
+        prepare_dataset(empty, tmp_path / "a", filename=archive.upload_name(empty))
+    with pytest.raises(DatasetError, match=r"^`input_images` \(my-photos\.zip\) is empty"):
+        prepare_dataset(empty, tmp_path / "b", filename="my-photos.zip")
+
+
+def test_skipped_files_are_named_in_the_log_up_to_a_limit(caplog):
+    skipped = {f"{i:02d}.png": "unreadable image (OSError)" for i in range(23)}
+    with caplog.at_level("INFO", logger="jsd.test"):
+        archive.log_skipped(skipped, logging.getLogger("jsd.test"), limit=20)
+
+    assert caplog.messages[0] == "  skipped 00.png: unreadable image (OSError)"
+    assert len(caplog.messages) == 21 and caplog.messages[19].startswith("  skipped 19.png")
+    assert caplog.messages[20] == "  … and 3 more (all of them are listed in training.json)"
 
 
 def test_over_the_file_count_or_file_size_limit_is_refused_naming_the_entry(tmp_path, monkeypatch):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,3 +459,56 @@ def test_cog_loads_and_inspects_the_predictor_without_deprecation_warnings(monke
     assert cog_warnings == []
     assert type(predictor).__name__ == "Predictor" and "prompt" in info.inputs
     assert info.output.json_type() == {"title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}}
+
+
+def test_the_same_request_draws_the_same_image_in_cog_the_library_and_the_cli(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Defaults only (beyond size, steps, seed and format): a weighted prompt is weighted in all three."""
+    from jsd.cli import main
+
+    prompt, seed = "(猫:1.8) と犬 油絵", 5
+    monkeypatch.setenv("JSD_WEIGHTS", str(tiny_checkpoint))
+    predictor = load_predict_module().Predictor()
+    predictor.setup()
+    inputs = _run_defaults() | FAST | {"prompt": prompt}
+    cog = pixels(Image.open(predictor.run(**inputs, num_outputs=1, seed=seed, output_format="png")[0]))
+    request = GenerationRequest(prompt=prompt, **FAST, seed=seed, output_format="png")
+    library = pixels(predictor.generator.generate(request).images[0].image)
+    size = ["--width", "128", "--height", "128", "--steps", "2", "--seed", str(seed)]
+    main(["generate", prompt, "--weights", str(tiny_checkpoint), *size, "-o", str(tmp_path / "cli.png")])
+    cli = pixels(Image.open(tmp_path / "cli.png"))
+    plain = pixels(predictor.generator.generate(dataclasses.replace(request, prompt_weighting=False)).images[0].image)
+
+    assert np.array_equal(cog, library) and np.array_equal(cli, library)
+    assert np.abs(library - plain).max() > 0  # the brackets are read as a weight, not as text
+
+
+def test_an_output_folder_is_removed_at_exit_or_by_the_next_server_after_a_crash(tmp_path, monkeypatch):
+    from jsd import scratch
+
+    monkeypatch.setattr(scratch.tempfile, "gettempdir", lambda: str(tmp_path))
+    code = "import os; from jsd import scratch; print(scratch.process_folder('jsd-outputs-'), flush=True)"
+
+    def folder_of(extra: str = "") -> Path:
+        done = subprocess.run(
+            [sys.executable, "-c", code + extra], capture_output=True, text=True, timeout=120, env=_tmpdir(tmp_path)
+        )
+        return Path(done.stdout.strip())
+
+    assert not folder_of().exists()  # removed at exit (atexit)
+    killed = folder_of("; os.kill(os.getpid(), 9)")
+    assert killed.is_dir()  # SIGKILL: no exit handler ran
+
+    mine = scratch.process_folder("jsd-outputs-")  # the next server (here: this process) sweeps it
+
+    assert not killed.exists()
+    assert mine.is_dir() and mine.name.startswith(f"jsd-outputs-{os.getpid()}-")
+    other = tmp_path / "jsd-outputs-1-abc"  # pid 1 runs: a folder of a live process is kept
+    other.mkdir()
+    scratch.process_folder("jsd-outputs-")
+    assert other.is_dir()
+
+
+def _tmpdir(folder) -> dict:
+    return dict(os.environ, TMPDIR=str(folder))

@@ -28,8 +28,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
 import stat
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -50,6 +53,7 @@ MAX_IMAGE_PIXELS = 50_000_000  # about 7,000 × 7,000; PIL itself refuses only a
 CAPTIONS_CSV = "captions.csv"
 IGNORED = ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")  # what zip tools add on their own
 _CHUNK = 1 << 20
+MAX_SKIPPED_SHOWN = 20  # skipped files named in the training's log; training.json lists them all
 
 
 class DatasetError(ValueError):
@@ -73,15 +77,23 @@ class DatasetReport:
 
 
 def prepare_dataset(
-    archive: str | Path, dest: str | Path, *, caption_prefix: str = "", name: str = "input_images"
+    archive: str | Path,
+    dest: str | Path,
+    *,
+    caption_prefix: str = "",
+    name: str = "input_images",
+    filename: str | None = None,
 ) -> DatasetReport:
     """Unpack ``archive`` into ``dest``, match captions to images, keep the images that decode.
 
     Writes ``metadata.jsonl`` (``file_name``, ``text`` = ``caption_prefix`` + caption) beside the images.
-    Raises :class:`DatasetError` when the archive is unsafe, over a limit or leaves no image to train on.
+    Raises :class:`DatasetError` when the archive is unsafe, over a limit or leaves no image to train on;
+    its message names the input ``name`` and ``filename``, the user's name for the archive (default: the
+    archive's own file name; ``""``: none known, as for a temporary copy of an upload, see :func:`upload_name`).
     """
     archive, dest = Path(archive), Path(dest)
-    label = f"`{name}` ({archive.name})"
+    filename = archive.name if filename is None else filename
+    label = f"`{name}` ({filename})" if filename else f"`{name}`"
     damaged = unpack(archive, dest, label=label)
     root = _top_folder(dest)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -100,13 +112,13 @@ def prepare_dataset(
     skipped |= {f: "not an image" for f in files if f not in known}
     rows = []
     for image in images:
+        problem = check_image(root / image)  # first: a corrupt image is reported as such, captioned or not
+        if problem:
+            skipped[image] = problem
+            continue
         caption = captions.get(image)
         if not caption:
             skipped[image] = f"no caption ({source})"
-            continue
-        problem = check_image(root / image)
-        if problem:
-            skipped[image] = problem
             continue
         text = f"{caption_prefix.strip()} {caption}".strip()
         rows.append(json.dumps({"file_name": image, "text": text}, ensure_ascii=False))
@@ -123,6 +135,33 @@ def prepare_dataset(
         captions_used=len(rows),
         skipped=skipped,
     )
+
+
+def upload_name(path: str | Path) -> str:
+    """The user's name of an uploaded file that Cog hands over as a temporary copy, or ``""`` if unknown.
+
+    Cog downloads a URL (or decodes a data URI) given for a ``Path`` input into
+    ``tempfile.NamedTemporaryFile(suffix=NAME)`` (``cog/types.py``, ``URLPath.convert``), ``NAME`` being the
+    URL's file name (``get_filename``), so the copy is ``tmp`` + 8 random characters + ``NAME`` in the
+    temporary directory. A data URI carries no name: Cog calls it ``file`` + an extension from its MIME type,
+    and that is not the user's name. A path outside the temporary directory is the user's own file.
+    """
+    path = Path(path)
+    if path.parent != Path(tempfile.gettempdir()):
+        return path.name
+    match = re.fullmatch(r"tmp[a-z0-9_]{8}(.+)", path.name)
+    if match is None:
+        return ""
+    name = match.group(1)
+    return "" if re.fullmatch(r"file(\.\w+)?", name) else name
+
+
+def log_skipped(skipped: dict[str, str], log: logging.Logger, *, limit: int = MAX_SKIPPED_SHOWN) -> None:
+    """One log line per skipped file (``name: reason``), the first ``limit`` of them, then how many more."""
+    for file, reason in list(skipped.items())[:limit]:
+        log.info("  skipped %s: %s", file, reason)
+    if len(skipped) > limit:
+        log.info("  … and %d more (all of them are listed in training.json)", len(skipped) - limit)
 
 
 # ---------------------------------------------------------------------------------------- unpacking

@@ -21,7 +21,7 @@ import torch
 
 from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME
 from jsd.manifest import verify_manifest
-from jsd.training.archive import prepare_dataset
+from jsd.training.archive import log_skipped, prepare_dataset
 from jsd.training.config import TrainConfig
 from jsd.training.trainer import train
 
@@ -49,18 +49,22 @@ def train_lora_archive(
     *,
     base_model: str | os.PathLike,
     name: str = "input_images",
+    filename: str | None = None,
 ) -> dict:
     """Train a LoRA on the images and captions of ``archive``; write ``output_tar`` and return ``training.json``.
 
     ``base_model``: the served checkpoint folder (verified against its manifest first). The .tar holds
     ``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` (settings, data counts, skipped files).
-    Raises :class:`jsd.training.archive.DatasetError` (naming ``name``) for an archive that cannot be used.
+    Raises :class:`jsd.training.archive.DatasetError` (naming ``name`` and ``filename``, the user's name for the
+    archive: see :func:`jsd.training.archive.prepare_dataset`) for an archive that cannot be used.
     """
     start = time.perf_counter()
     manifest = verify_manifest(base_model)
     with tempfile.TemporaryDirectory(prefix="jsd-lora-") as tmp:
         work = Path(tmp)
-        dataset = prepare_dataset(archive, work / "data", caption_prefix=settings.caption_prefix, name=name)
+        dataset = prepare_dataset(
+            archive, work / "data", caption_prefix=settings.caption_prefix, name=name, filename=filename
+        )
         logger.info(
             "Training on %d of %d images (captions from %s); %d file(s) skipped",
             dataset.images_used,
@@ -68,6 +72,7 @@ def train_lora_archive(
             dataset.caption_source,
             len(dataset.skipped),
         )
+        log_skipped(dataset.skipped, logger)
         config = TrainConfig(
             pretrained_model_name_or_path=str(base_model),
             train_data_dir=str(dataset.folder),
