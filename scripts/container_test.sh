@@ -17,10 +17,12 @@
 # 6. The container checks, one PASS/FAIL line each; the exit status is theirs.
 # It leaves one image, jsd:cpu: the temporary images, the check containers and dangling build cache go.
 #
-# Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default /usr/bin/docker when there,
-# the daemon's own client: its BuildKit needs no buildx plugin); JSD_SHARED (default ../shared);
-# JSD_CONTAINER_CACHE (default build/container: logs, the base root file system); JSD_SETUP_TIMEOUT
-# (seconds each container may take to set up, default 300).
+#   scripts/container_test.sh --pick-docker   # only print the docker client it would use (exit 1: none fits)
+#
+# Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default: the first client that can
+# build with BuildKit, see choose_docker); JSD_ENGINE_DOCKER (the engine's own client, default /usr/bin/docker,
+# Debian's docker.io); JSD_SHARED (default ../shared); JSD_CONTAINER_CACHE (default build/container: logs, the
+# base root file system); JSD_SETUP_TIMEOUT (seconds each container may take to set up, default 300).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +39,47 @@ fail() {
     printf 'error: %s\n' "$*" >&2
     exit 1
 }
+
+# Whether the docker client $1 can run `DOCKER_BUILDKIT=1 docker build`. The Dockerfile needs BuildKit (RUN
+# --mount). Clients before Docker 23 (Debian bookworm's docker.io: 20.10) run BuildKit themselves; from 23 on,
+# `docker build` with DOCKER_BUILDKIT=1 is handed to the buildx plugin, and without it stops at once with
+# "BuildKit is enabled but the buildx component is missing or broken" (docker/cli, cmd/docker/builder.go,
+# processBuilder). Neither test needs a daemon.
+can_buildkit() {
+    "$1" buildx version > /dev/null 2>&1 && return 0
+    local version
+    version="$("$1" --version 2> /dev/null | sed -n 's/^Docker version \([0-9][0-9]*\)\..*/\1/p')"
+    [ -n "$version" ] && [ "$version" -lt 23 ]
+}
+
+# Print the docker client to use: $DOCKER when set (and able), else the first able one of the engine's own
+# client ($JSD_ENGINE_DOCKER, default /usr/bin/docker) and each `docker` on PATH. Status 1, with the reason on
+# stderr, when none is able: run it again after installing the engine, never keep an earlier answer.
+choose_docker() {
+    local candidates=() candidate
+    if [ -n "${DOCKER:-}" ]; then
+        candidates=("$DOCKER")
+    else
+        candidates=("${JSD_ENGINE_DOCKER:-/usr/bin/docker}")
+        while IFS= read -r candidate; do candidates+=("$candidate"); done < <(type -ap docker)
+    fi
+    for candidate in "${candidates[@]}"; do
+        if [ -x "$candidate" ] && can_buildkit "$candidate"; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    printf 'no docker client here can build with BuildKit (tried: %s): Docker 23+ needs the buildx plugin,' \
+        "${candidates[*]}" >&2
+    printf ' or install Debian'"'"'s docker.io (its 20.10 client needs none)%s\n' \
+        "${DOCKER:+; or unset DOCKER}" >&2
+    return 1
+}
+
+if [ "${1:-}" = "--pick-docker" ]; then
+    choose_docker
+    exit
+fi
 since() { echo $(($(date +%s) - $1)); }
 show_log() { tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2; }
 
@@ -92,26 +135,14 @@ install_missing() {
     fi
 }
 
-pick_docker() {
-    if [ -z "${DOCKER:-}" ]; then
-        if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER="$(command -v docker || true)"; fi
-    fi
-}
-
-# ---- 1. the Docker daemon ---------------------------------------------------------------------------------
-step=$(date +%s)
-pick_docker
-if [ -n "${DOCKER:-}" ] && "$DOCKER" info > /dev/null 2>&1; then
-    log "using the running Docker daemon ($DOCKER)"
-else
-    install_missing dockerd
-    pick_docker
-    [ -n "${DOCKER:-}" ] || fail "no docker CLI after installing docker.io"
+# Start dockerd in the background (vfs: works inside a container; no bridge: builds and checks need no NAT) and
+# wait for it to answer; the cleanup stops it.
+start_dockerd() {
     log "starting dockerd (vfs storage, no bridge network; log: $cache/dockerd.log)"
     dockerd --storage-driver=vfs --iptables=false --ip-masq=false --bridge=none > "$cache/dockerd.log" 2>&1 &
     started_dockerd=$!
     for _ in $(seq 120); do
-        "$DOCKER" info > /dev/null 2>&1 && break
+        "$DOCKER" info > /dev/null 2>&1 && return 0
         if ! kill -0 "$started_dockerd" 2> /dev/null; then
             started_dockerd=""
             show_log "$cache/dockerd.log" 15
@@ -119,10 +150,26 @@ else
         fi
         sleep 0.5
     done
-    "$DOCKER" info > /dev/null 2>&1 || {
-        show_log "$cache/dockerd.log" 15
-        fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
-    }
+    show_log "$cache/dockerd.log" 15
+    fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
+}
+
+# ---- 1. the Docker daemon ---------------------------------------------------------------------------------
+step=$(date +%s)
+# The client is chosen again once the engine is installed: a bare machine may hold only a client that cannot
+# build (Docker 28 without buildx), and docker.io brings its own.
+client="$(choose_docker 2> /dev/null || true)"
+if [ -n "$client" ] && "$client" info > /dev/null 2>&1; then
+    DOCKER="$client"
+    log "using the running Docker daemon ($DOCKER)"
+else
+    install_missing dockerd
+    DOCKER="$(choose_docker)" || fail "no docker client that can build this Dockerfile (reason above)"
+    if "$DOCKER" info > /dev/null 2>&1; then
+        log "using the running Docker daemon ($DOCKER)"
+    else
+        start_dockerd
+    fi
 fi
 export DOCKER
 # Leftovers of an interrupted earlier run.
