@@ -393,11 +393,12 @@ def run_cuda_checks(docker: Docker, image: str, setup_timeout: float) -> Report:
     url = f"http://127.0.0.1:{port}"
     server = Container(docker, image, network="host", env={"PORT": str(port)})
     try:
-        server.start()
-        report.check("torch CUDA build", lambda: check_torch_cuda(docker, server))
         print("Building the expected schema on this host (imports the predictor)...", flush=True)
         expected_schema = cog_local.build_schema()
+        # Before the start: a running server writes __pycache__ into /src.
         report.check("image contents", lambda: check_image(docker, image, server, expected_schema))
+        server.start()
+        report.check("torch CUDA build", lambda: check_torch_cuda(docker, server))
         if report.check("ready on CPU (network host)", lambda: check_ready(url, server, setup_timeout)):
             report.check("txt2img", lambda: check_txt2img(url))
             report.check("img2img", lambda: check_img2img(url))

@@ -234,7 +234,9 @@ if ! ${pip_env[@]+"${pip_env[@]}"} "$python" -m pip download --disable-pip-versi
     show_log "$cache/pip-download.log"
     fail "pip download failed (log: $cache/pip-download.log)"
 fi
-torch_wheel="$(cd "$wheelhouse" && ls torch-"$(sed -n 's/^torch==//p' requirements.txt)"-*.whl)"
+torch_version="$(sed -n 's/^torch==//p' requirements.txt)"
+torch_wheel="$(cd "$wheelhouse" && ls torch-"$torch_version"-*.whl torch-"$torch_version"+*.whl 2> /dev/null || true)"
+[ -n "$torch_wheel" ] || fail "pip downloaded no torch $torch_version wheel into $wheelhouse"
 # The CUDA version torch was built for (torch/version.py's `cuda`: None for the CPU build).
 torch_cuda="$("$python" -c 'import re, sys, zipfile
 text = zipfile.ZipFile(sys.argv[1]).read("torch/version.py").decode()
