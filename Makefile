@@ -26,6 +26,12 @@ test: venv lint
 container-test: venv
 	scripts/container_test.sh
 
+# The same for the CUDA image jsd:cuda (PyPI's CUDA torch; no GPU needed to build or check it). Not run in CI:
+# it downloads 2.7 GB of wheels once (kept in build/container/) and makes a 9 GB image. See docs/container.md.
+.PHONY: container-test-cuda
+container-test-cuda: venv
+	scripts/container_test.sh --cuda
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/container_checks.py --image jsd:cpu    # what `make container-test` runs after the build
     .venv/bin/python scripts/container_checks.py --image jsd:cpu --docker /usr/bin/docker --setup-timeout 600
+    .venv/bin/python scripts/container_checks.py --image jsd:cuda --cuda    # `make container-test-cuda`: no GPU
 
 Every check prints one ``PASS``/``FAIL`` line with its figures or its reason; the exit status is 1 when any
 fails. Containers run with ``--network host`` (the server on 127.0.0.1 and a free ``$PORT``) or
@@ -96,7 +97,8 @@ class Container:
         self.name = f"jsd-check-{uuid.uuid4().hex[:8]}"
         env_args = [arg for key, value in (env or {}).items() for arg in ("-e", f"{key}={value}")]
         started = time.monotonic()
-        docker("create", "--name", self.name, f"--network={network}", *env_args, image, *command)
+        # vfs copies the whole image for a container: under load that took over 120 s (seen in a CI run).
+        docker("create", "--name", self.name, f"--network={network}", *env_args, image, *command, timeout=900)
         self.create_seconds = time.monotonic() - started
         self.started_at: float | None = None
         self.returncode: int | None = None
@@ -130,7 +132,11 @@ class Container:
         return _text(result.stdout) + _text(result.stderr)
 
     def remove(self) -> None:
-        self.docker("rm", "--force", self.name, check=False)
+        # vfs deletes a whole copy of the image: on a loaded machine that took over 120 s (seen in a CI run).
+        try:
+            self.docker("rm", "--force", self.name, check=False, timeout=900)
+        except subprocess.TimeoutExpired:
+            print(f"warning: `docker rm --force {self.name}` still runs after 900 s; remove it yourself", flush=True)
 
 
 def wait_for_setup_inside(container: Container, timeout: float) -> dict:
@@ -359,6 +365,59 @@ def check_network_none(docker: Docker, container: Container, timeout: float, ori
     return f"READY {time.monotonic() - container.started_at:.1f} s after start, read with docker exec"
 
 
+TORCH_REPORT = """import json, torch
+try:
+    arches = torch._C._cuda_getArchFlags()  # the GPU architectures the build holds kernels for
+except AttributeError:
+    arches = None
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                  "gpu": torch.cuda.is_available(), "arches": arches}))
+"""
+
+
+def check_torch_cuda(docker: Docker, container: Container) -> str:
+    """torch in the image is a CUDA build whose CUDA and cuDNN libraries load (no GPU needed to read them)."""
+    result = docker("exec", container.name, "python", "-c", TORCH_REPORT, check=False, timeout=300)
+    assert result.returncode == 0, (
+        f"python -c 'import torch ...' failed in the container: {_text(result.stderr)[-800:]}"
+    )
+    report = json.loads(_text(result.stdout).strip().splitlines()[-1])
+    assert report["cuda"], f"torch {report['torch']} in the image is not a CUDA build"
+    assert report["cudnn"], f"torch {report['torch']} (CUDA {report['cuda']}) found no cuDNN"
+    return (
+        f"torch {report['torch']}, CUDA {report['cuda']}, cuDNN {report['cudnn']}, GPU visible: {report['gpu']}, "
+        f"kernels for {report['arches']}"
+    )
+
+
+def run_cuda_checks(docker: Docker, image: str, setup_timeout: float) -> Report:
+    """The CUDA image on a host without a GPU, in one container (each is a full copy of ~9 GB with vfs): torch's
+    CUDA and cuDNN versions, the image's contents, READY on CPU, predictions, validation and the schema."""
+    report = Report()
+    port = cog_local.free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = Container(docker, image, network="host", env={"PORT": str(port)})
+    try:
+        print("Building the expected schema on this host (imports the predictor)...", flush=True)
+        expected_schema = cog_local.build_schema()
+        # Before the start: a running server writes __pycache__ into /src.
+        report.check("image contents", lambda: check_image(docker, image, server, expected_schema))
+        server.start()
+        report.check("torch CUDA build", lambda: check_torch_cuda(docker, server))
+        if report.check("ready on CPU (network host)", lambda: check_ready(url, server, setup_timeout)):
+            report.check("txt2img", lambda: check_txt2img(url))
+            report.check("img2img", lambda: check_img2img(url))
+            report.check("bad input → 422", lambda: check_bad_input(url))
+            report.check("GET /openapi.json", lambda: check_openapi(url, expected_schema))
+        else:
+            print(server.logs(), flush=True)
+            for name in ("txt2img", "img2img", "bad input → 422", "GET /openapi.json"):
+                report.skip_as_failed(name, "the server never became READY")
+    finally:
+        server.remove()
+    return report
+
+
 def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) -> Report:
     """Three containers (each costs a full copy of the image with the vfs storage driver, and as long to remove)."""
     report = Report()
@@ -425,13 +484,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="jsd:cpu", help="image to check (default: %(default)s)")
     parser.add_argument("--docker", default=os.environ.get("DOCKER", "docker"), help="docker CLI to use")
     parser.add_argument("--setup-timeout", type=float, default=300, help="seconds to wait for setup() per container")
+    parser.add_argument(
+        "--cuda", action="store_true", help="the CUDA image on a host without a GPU: the checks that need none"
+    )
     args = parser.parse_args(argv)
     docker = Docker(args.docker)
     docker("image", "inspect", args.image)  # a missing image fails here, with docker's message
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="jsd-checks-") as tmp:
         try:
-            report = run_checks(docker, args.image, args.setup_timeout, Path(tmp))
+            if args.cuda:
+                report = run_cuda_checks(docker, args.image, args.setup_timeout)
+            else:
+                report = run_checks(docker, args.image, args.setup_timeout, Path(tmp))
         except Exception as err:  # e.g. a container that cannot even be created: the checks cannot go on
             print(f"FAIL  container checks: stopped early, {err}", flush=True)
             return 1

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
 # `make container-test`: build the image from the root Dockerfile, CPU variant, offline, with a tiny seeded
 # checkpoint baked in, tag it jsd:cpu, and check the running container (scripts/container_checks.py).
+# `make container-test-cuda`: the same with PyPI's own torch (the CUDA build, its nvidia-* wheels and all),
+# tagged jsd:cuda, and the checks that need no GPU (torch's CUDA and cuDNN versions, READY, a prediction).
 #
-#   scripts/container_test.sh
+#   scripts/container_test.sh            # jsd:cpu
+#   scripts/container_test.sh --cuda     # jsd:cuda (about 9 GB; not run in CI)
 #
 # 1. Docker: the running daemon, or else `dockerd --storage-driver=vfs --iptables=false --ip-masq=false
-#    --bridge=none` started here (Debian's docker.io installed first when missing) and stopped at the end.
+#    --bridge=none` started here (Debian's docker.io installed first when missing) and stopped at the end;
+#    JSD_DOCKER_STORAGE_DRIVER=overlay2 where the host file system allows it (vfs copies every layer whole:
+#    the CUDA image takes ~50 GB with it).
 #    A daemon that cannot start is a failure, with its log; never a skip.
 # 2. Base image: Debian bookworm minbase with Python 3.11, venv and tini, from debootstrap (its root file
 #    system is cached in $JSD_CONTAINER_CACHE, so later runs skip it), imported as a temporary image.
 # 3. Wheelhouse: `pip download` on this host of requirements.txt and cog (cog.yaml's build.sdk_version), the
-#    CPU torch included, imported as a temporary image: the build runs with --network none.
+#    CPU torch included, imported as a temporary image: the build runs with --network none. With --cuda, pip
+#    reads no configuration file and no find-links, extra index or constraints from the environment (they may
+#    point at a local CPU wheel), so torch is PyPI's CUDA build; its 2.7 GB of wheels are kept in
+#    $JSD_CONTAINER_CACHE/wheelhouse-cuda (later runs download only what changed).
 # 4. Build context: the repository's files (git ls-files) plus a tiny checkpoint in weights/ (rinna's
 #    tokenizer from $JSD_SHARED when it is there). The weights/ of this checkout is never read or touched.
-# 5. `docker build` → jsd:cpu; a previous jsd:cpu is replaced.
+# 5. `docker build` → jsd:cpu (jsd:cuda); a previous image of that tag is replaced; its layers are logged.
 # 6. The container checks, one PASS/FAIL line each; the exit status is theirs.
-# It leaves one image, jsd:cpu: the temporary images, the check containers and dangling build cache go.
+# It leaves one image, jsd:cpu (jsd:cuda): the temporary images, the check containers and dangling build cache go.
 #
-# Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default /usr/bin/docker when there,
-# the daemon's own client: its BuildKit needs no buildx plugin); JSD_SHARED (default ../shared);
-# JSD_CONTAINER_CACHE (default build/container: logs, the base root file system); JSD_SETUP_TIMEOUT
-# (seconds each container may take to set up, default 300).
+#   scripts/container_test.sh --pick-docker   # only print the docker client it would use (exit 1: none fits)
+#
+# Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default: the first client that can
+# build with BuildKit, see choose_docker); JSD_ENGINE_DOCKER (the engine's own client, default /usr/bin/docker,
+# Debian's docker.io); JSD_SHARED (default ../shared); JSD_CONTAINER_CACHE (default build/container: logs, the
+# base root file system); JSD_SETUP_TIMEOUT (seconds each container may take to set up, default 300);
+# JSD_DOCKER_STORAGE_DRIVER (for a dockerd started here, default vfs).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 python="${PYTHON:-.venv/bin/python}"
 cache="${JSD_CONTAINER_CACHE:-build/container}"
 shared="${JSD_SHARED:-../shared}"
-image="jsd:cpu"
+variant=cpu
 base_image="jsd-container-test/base:bookworm"
 wheelhouse_image="jsd-container-test/wheelhouse:latest"
 base_packages="python3,python3-venv,ca-certificates,tini"
@@ -37,6 +48,53 @@ fail() {
     printf 'error: %s\n' "$*" >&2
     exit 1
 }
+
+# Whether the docker client $1 can run `DOCKER_BUILDKIT=1 docker build`. The Dockerfile needs BuildKit (RUN
+# --mount). Clients before Docker 23 (Debian bookworm's docker.io: 20.10) run BuildKit themselves; from 23 on,
+# `docker build` with DOCKER_BUILDKIT=1 is handed to the buildx plugin, and without it stops at once with
+# "BuildKit is enabled but the buildx component is missing or broken" (docker/cli, cmd/docker/builder.go,
+# processBuilder). Neither test needs a daemon.
+can_buildkit() {
+    "$1" buildx version > /dev/null 2>&1 && return 0
+    local version
+    version="$("$1" --version 2> /dev/null | sed -n 's/^Docker version \([0-9][0-9]*\)\..*/\1/p')"
+    [ -n "$version" ] && [ "$version" -lt 23 ]
+}
+
+# Print the docker client to use: $DOCKER when set (and able), else the first able one of the engine's own
+# client ($JSD_ENGINE_DOCKER, default /usr/bin/docker) and each `docker` on PATH. Status 1, with the reason on
+# stderr, when none is able: run it again after installing the engine, never keep an earlier answer.
+choose_docker() {
+    local candidates=() candidate
+    if [ -n "${DOCKER:-}" ]; then
+        candidates=("$DOCKER")
+    else
+        candidates=("${JSD_ENGINE_DOCKER:-/usr/bin/docker}")
+        while IFS= read -r candidate; do candidates+=("$candidate"); done < <(type -ap docker)
+    fi
+    for candidate in "${candidates[@]}"; do
+        if [ -x "$candidate" ] && can_buildkit "$candidate"; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    printf 'no docker client here can build with BuildKit (tried: %s): Docker 23+ needs the buildx plugin,' \
+        "${candidates[*]}" >&2
+    printf ' or install Debian'"'"'s docker.io (its 20.10 client needs none)%s\n' \
+        "${DOCKER:+; or unset DOCKER}" >&2
+    return 1
+}
+
+case "${1:-}" in
+    --pick-docker)
+        choose_docker
+        exit
+        ;;
+    --cuda) variant=cuda ;;
+    "") ;;
+    *) fail "unknown argument $1 (usage: scripts/container_test.sh [--cuda | --pick-docker])" ;;
+esac
+image="jsd:$variant"
 since() { echo $(($(date +%s) - $1)); }
 show_log() { tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2; }
 
@@ -92,26 +150,15 @@ install_missing() {
     fi
 }
 
-pick_docker() {
-    if [ -z "${DOCKER:-}" ]; then
-        if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER="$(command -v docker || true)"; fi
-    fi
-}
-
-# ---- 1. the Docker daemon ---------------------------------------------------------------------------------
-step=$(date +%s)
-pick_docker
-if [ -n "${DOCKER:-}" ] && "$DOCKER" info > /dev/null 2>&1; then
-    log "using the running Docker daemon ($DOCKER)"
-else
-    install_missing dockerd
-    pick_docker
-    [ -n "${DOCKER:-}" ] || fail "no docker CLI after installing docker.io"
-    log "starting dockerd (vfs storage, no bridge network; log: $cache/dockerd.log)"
-    dockerd --storage-driver=vfs --iptables=false --ip-masq=false --bridge=none > "$cache/dockerd.log" 2>&1 &
+# Start dockerd in the background (vfs: works inside a container; no bridge: builds and checks need no NAT) and
+# wait for it to answer; the cleanup stops it.
+start_dockerd() {
+    local driver="${JSD_DOCKER_STORAGE_DRIVER:-vfs}"
+    log "starting dockerd ($driver storage, no bridge network; log: $cache/dockerd.log)"
+    dockerd --storage-driver="$driver" --iptables=false --ip-masq=false --bridge=none > "$cache/dockerd.log" 2>&1 &
     started_dockerd=$!
     for _ in $(seq 120); do
-        "$DOCKER" info > /dev/null 2>&1 && break
+        "$DOCKER" info > /dev/null 2>&1 && return 0
         if ! kill -0 "$started_dockerd" 2> /dev/null; then
             started_dockerd=""
             show_log "$cache/dockerd.log" 15
@@ -119,10 +166,26 @@ else
         fi
         sleep 0.5
     done
-    "$DOCKER" info > /dev/null 2>&1 || {
-        show_log "$cache/dockerd.log" 15
-        fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
-    }
+    show_log "$cache/dockerd.log" 15
+    fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
+}
+
+# ---- 1. the Docker daemon ---------------------------------------------------------------------------------
+step=$(date +%s)
+# The client is chosen again once the engine is installed: a bare machine may hold only a client that cannot
+# build (Docker 28 without buildx), and docker.io brings its own.
+client="$(choose_docker 2> /dev/null || true)"
+if [ -n "$client" ] && "$client" info > /dev/null 2>&1; then
+    DOCKER="$client"
+    log "using the running Docker daemon ($DOCKER)"
+else
+    install_missing dockerd
+    DOCKER="$(choose_docker)" || fail "no docker client that can build this Dockerfile (reason above)"
+    if "$DOCKER" info > /dev/null 2>&1; then
+        log "using the running Docker daemon ($DOCKER)"
+    else
+        start_dockerd
+    fi
 fi
 export DOCKER
 # Leftovers of an interrupted earlier run.
@@ -157,20 +220,39 @@ step=$(date +%s)
 # The same expression the Dockerfile reads cog's version with.
 cog_version="$(sed -n 's/^ *sdk_version: *"\{0,1\}\([^"# ]*\)"\{0,1\}.*$/\1/p' cog.yaml)"
 [ -n "$cog_version" ] || fail "cog.yaml has no build.sdk_version (the cog version the image installs)"
-if ! "$python" -m pip download --disable-pip-version-check --only-binary=:all: -d "$workdir/wheelhouse" \
-    -r requirements.txt "cog==$cog_version" > "$cache/pip-download.log" 2>&1; then
+wheelhouse="$workdir/wheelhouse"
+pip_env=()
+if [ "$variant" = cuda ]; then
+    # PyPI's torch==X is the CUDA build (PyPI takes no +cpu/+cuXXX local versions); this host's pip settings
+    # (pip.conf, PIP_FIND_LINKS...) may offer a CPU wheel of the same version instead.
+    wheelhouse="$cache/wheelhouse-cuda"
+    pip_env=(env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT -u PIP_NO_INDEX PIP_CONFIG_FILE=/dev/null)
+fi
+log "pip download → $wheelhouse (log: $cache/pip-download.log)"
+if ! ${pip_env[@]+"${pip_env[@]}"} "$python" -m pip download --disable-pip-version-check --only-binary=:all: \
+    -d "$wheelhouse" -r requirements.txt "cog==$cog_version" > "$cache/pip-download.log" 2>&1; then
     show_log "$cache/pip-download.log"
     fail "pip download failed (log: $cache/pip-download.log)"
 fi
-torch_wheel="$(cd "$workdir/wheelhouse" && ls torch-*.whl)"
-case "$torch_wheel" in
-    *+cpu*) ;;
-    *) fail "pip downloaded $torch_wheel, not torch's CPU build (it would pull GBs of CUDA wheels): let pip see" \
-        "https://download.pytorch.org/whl/cpu (PIP_EXTRA_INDEX_URL) or a folder holding the CPU wheel (PIP_FIND_LINKS)" ;;
+torch_version="$(sed -n 's/^torch==//p' requirements.txt)"
+torch_wheel="$(cd "$wheelhouse" && ls torch-"$torch_version"-*.whl torch-"$torch_version"+*.whl 2> /dev/null || true)"
+[ -n "$torch_wheel" ] || fail "pip downloaded no torch $torch_version wheel into $wheelhouse"
+# The CUDA version torch was built for (torch/version.py's `cuda`: None for the CPU build).
+torch_cuda="$("$python" -c 'import re, sys, zipfile
+text = zipfile.ZipFile(sys.argv[1]).read("torch/version.py").decode()
+print(re.search(r"^cuda\b.*= *(.*)$", text, re.M).group(1).strip("\x27\x22").replace("None", ""))' \
+    "$wheelhouse/$torch_wheel")"
+case "$variant:$torch_cuda" in
+    cpu:) ;;
+    cpu:*) fail "pip downloaded $torch_wheel (CUDA $torch_cuda), not torch's CPU build (it would pull GBs of CUDA" \
+        "wheels): let pip see https://download.pytorch.org/whl/cpu (PIP_EXTRA_INDEX_URL) or a folder holding the" \
+        "CPU wheel (PIP_FIND_LINKS)" ;;
+    cuda:) fail "pip downloaded $torch_wheel, a build without CUDA: a PIP_INDEX_URL that is not PyPI?" ;;
+    cuda:*) ;;
 esac
-tar -C "$workdir/wheelhouse" -c . | "$DOCKER" import - "$wheelhouse_image" > /dev/null
-log "wheelhouse $wheelhouse_image in $(since "$step") s: $(find "$workdir/wheelhouse" -name '*.whl' | wc -l) wheels" \
-    "($(du -sh "$workdir/wheelhouse" | cut -f1)), $torch_wheel, cog $cog_version"
+tar -C "$wheelhouse" -c . | "$DOCKER" import - "$wheelhouse_image" > /dev/null
+log "wheelhouse $wheelhouse_image in $(since "$step") s: $(find "$wheelhouse" -name '*.whl' | wc -l) wheels" \
+    "($(du -sh "$wheelhouse" | cut -f1)), $torch_wheel (CUDA ${torch_cuda:-none}), cog $cog_version"
 
 # ---- 4. the build context with a tiny checkpoint -----------------------------------------------------------
 step=$(date +%s)
@@ -194,7 +276,7 @@ log "build context with a tiny checkpoint in $(since "$step") s"
 # ---- 5. the image ------------------------------------------------------------------------------------------
 step=$(date +%s)
 previous="$("$DOCKER" image inspect --format '{{.Id}}' "$image" 2> /dev/null || true)"
-log "docker build → $image (CPU base, offline; log: $cache/build.log)"
+log "docker build → $image (debootstrap base, offline; log: $cache/build.log)"
 if ! DOCKER_BUILDKIT=1 "$DOCKER" build --network none --progress plain \
     --build-arg BASE_IMAGE="$base_image" --build-arg WHEELHOUSE="$wheelhouse_image" \
     --tag "$image" "$workdir/context" > "$cache/build.log" 2>&1; then
@@ -209,12 +291,15 @@ fi
 "$DOCKER" rmi "$base_image" "$wheelhouse_image" > /dev/null
 "$DOCKER" builder prune --force > /dev/null
 size="$("$DOCKER" image inspect --format '{{.Size}}' "$image")"
-log "built $image in $build_seconds s: $((size / 1000000)) MB"
+log "built $image in $build_seconds s: $((size / 1000000)) MB; its layers, newest first:"
+"$DOCKER" history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | cut -c1-150 | sed 's/^/    /' >&2
 
 # ---- 6. the checks -----------------------------------------------------------------------------------------
 step=$(date +%s)
 checks=0
+check_args=()
+if [ "$variant" = cuda ]; then check_args=(--cuda); fi
 "$python" scripts/container_checks.py --image "$image" --docker "$DOCKER" \
-    --setup-timeout "${JSD_SETUP_TIMEOUT:-300}" || checks=$?
+    --setup-timeout "${JSD_SETUP_TIMEOUT:-300}" ${check_args[@]+"${check_args[@]}"} || checks=$?
 log "checks in $(since "$step") s; docker build $build_seconds s; container-test in total $(since "$started") s"
 exit "$checks"

@@ -8,8 +8,12 @@ layout cog relies on. `make container-test` builds and serves the image for real
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,12 +103,19 @@ def test_packages_come_from_requirements_txt_and_no_pin_is_repeated(dockerfile, 
     assert not re.findall(r"\b[A-Za-z][\w.-]*==\d", text)
 
 
-def test_cog_version_read_from_cog_yaml_is_pyproject_s_pin(cog_config):
+def run_instructions(instructions: list[tuple[str, str]]) -> str:
+    """Every RUN instruction's command, comments left out (what Docker runs)."""
+    return "\n".join(args for keyword, args in instructions if keyword == "RUN")
+
+
+def test_cog_version_read_from_cog_yaml_is_pyproject_s_pin(dockerfile, cog_config):
     serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
     pin = next(p.split("==", 1)[1] for p in serve if p.startswith("cog=="))
     assert str(cog_config["build"]["sdk_version"]) == pin
     # The Dockerfile and scripts/container_test.sh extract it with one sed expression: run it.
-    expression = re.search(r"sed -n '([^']+)' /tmp/jsd/cog\.yaml", (REPO / "Dockerfile").read_text()).group(1)
+    found = re.search(r"sed -n '([^']+)' /tmp/jsd/cog\.yaml", run_instructions(dockerfile))
+    assert found, "no RUN instruction reads cog's version from cog.yaml"
+    expression = found.group(1)
     assert f"sed -n '{expression}' cog.yaml" in (REPO / "scripts" / "container_test.sh").read_text()
     found = subprocess.run(["sed", "-n", expression, "cog.yaml"], cwd=REPO, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == pin
@@ -125,9 +136,56 @@ def test_image_layout_is_cog_s(dockerfile):
     assert keywords.index("CMD") < len(keywords) - 1  # the code comes last, after CMD, as in cog's Dockerfile
 
 
-def test_schema_is_baked_where_coglet_reads_it_with_cog_local():
+# The RUN that bakes the schema: `cd /src; [VAR=value ...] python scripts/cog_local.py schema > PATH;`.
+SCHEMA_COMMAND = re.compile(r"cd (/\S+); ((?:\w+=\S+ )*)python (scripts/cog_local\.py schema) > ([^\s;]+)")
+
+
+def schema_command(instructions: list[tuple[str, str]]) -> re.Match:
+    found = SCHEMA_COMMAND.search(run_instructions(instructions))
+    assert found, "no RUN instruction bakes the schema with `python scripts/cog_local.py schema > ...`"
+    return found
+
+
+def test_schema_is_baked_where_coglet_reads_it_with_cog_local(dockerfile):
     cog_local = load_repo_module("scripts/cog_local.py")
-    text = (REPO / "Dockerfile").read_text()
-    assert f"python scripts/cog_local.py schema > {cog_local.SCHEMA_PATH}" in text
+    assert schema_command(dockerfile).group(4) == str(cog_local.SCHEMA_PATH)
     dockerignore = (REPO / ".dockerignore").read_text().splitlines()
     assert "!scripts/cog_local.py" in dockerignore  # in the build context, removed from the image
+
+
+def build_context(destination: Path) -> Path:
+    """The code files of the Docker build context: .dockerignore's allow-list (`*`, then `!PATH` lines),
+    less weights/ and .cog/ (the image gets those another way)."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    assert "*" in lines, ".dockerignore is no longer an allow-list: update build_context"
+    for entry in (line[1:].rstrip("/") for line in lines if line.startswith("!")):
+        source = REPO / entry
+        if entry in ("weights", ".cog") or not source.exists():
+            continue
+        target = destination / entry
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, target)
+    return destination
+
+
+def test_the_baked_schema_serves_predictions_and_the_trainer(dockerfile, cog_config, tmp_path):
+    """The Dockerfile's own schema command, run on the build context's files: the schema holds cog.yaml's
+    trainer (Replicate starts the same image with --x-mode train), not only the predictor."""
+    found = schema_command(dockerfile)
+    workdir, env_prefix, command = found.group(1), found.group(2), found.group(3).split()
+    context = build_context(tmp_path / workdir.strip("/"))
+    env = {key: value.replace(workdir, str(context)) for key, value in re.findall(r"(\w+)=(\S+)", env_prefix)}
+    result = subprocess.run(
+        [sys.executable, *command], cwd=context, env=os.environ | env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    schema = json.loads(result.stdout)
+    assert cog_config.get("train"), "cog.yaml has no train: (the image would serve no trainings)"
+    schemas = schema["components"]["schemas"]
+    assert {"Input", "Output", "TrainingInput", "TrainingOutput"} <= set(schemas), sorted(schemas)
+    assert {"/predictions", "/trainings"} <= set(schema["paths"]), sorted(schema["paths"])
+    assert {"input_images", "lora_rank"} <= set(schemas["TrainingInput"]["properties"])
+    assert {"prompt", "negative_prompt"} <= set(schemas["Input"]["properties"])
