@@ -323,9 +323,9 @@ class JapaneseCLIPScorer:
         """
         if len(images) != len(texts):
             raise ValueError(f"score() needs one text per image: got {len(images)} images and {len(texts)} texts.")
-        unique = list(dict.fromkeys(texts))
-        text_features = self.text_features(unique, batch_size=batch_size)
-        index = torch.tensor([unique.index(t) for t in texts], dtype=torch.long)
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        text_features = self.text_features(list(position), batch_size=batch_size)
+        index = torch.tensor([position[t] for t in texts], dtype=torch.long)
         image_features = self.image_features(images, batch_size=batch_size)
         cosine = (image_features * text_features[index]).sum(dim=-1)
         return 100 * cosine.clamp(min=0)

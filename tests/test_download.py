@@ -395,3 +395,15 @@ def test_scorer_from_a_local_folder_and_a_bad_one(scorer_hub, tmp_path, capsys):
     assert download_weights.main(["--dest", str(tmp_path / "bad"), "--scorer", str(local)]) == 1
     assert "pytorch_model.bin does not fit config.json" in capsys.readouterr().err
     assert not (tmp_path / "bad" / SCORER_FOLDER).exists()
+
+
+def test_replacing_the_weights_keeps_the_scorer_beside_them(hub_files, tiny_scorer, tmp_path):
+    from jsd.japanese_clip import SCORER_FOLDER
+
+    dest = tmp_path / "weights"
+    assert download_weights.main(["--source", str(hub_files), "--dest", str(dest)]) == 0
+    shutil.copytree(tiny_scorer, dest / SCORER_FOLDER)
+    verify_manifest(dest)  # the main manifest neither lists nor refuses the scorer's files
+    assert download_weights.main(["--source", str(hub_files), "--dest", str(dest), "--force"]) == 0
+    assert not any(name.startswith(SCORER_FOLDER) for name in verify_manifest(dest)["files"])
+    assert verify_manifest(dest / SCORER_FOLDER)["source"].startswith("jsd.tiny scorer=clip")
