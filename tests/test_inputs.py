@@ -113,7 +113,7 @@ def test_txt2img_inputs_reach_the_pipeline(predictor, predict_module, components
     assert ours[0].shape == (128, 192, 3)
 
 
-@pytest.mark.parametrize("scheduler", ["DPM-Solver++ 2M", "Euler ancestral", "DDIM", "PNDM"])
+@pytest.mark.parametrize("scheduler", ["DPM-Solver++ 2M", "PNDM"])  # Euler: the test above
 def test_each_scheduler_is_the_named_diffusers_sampler(predictor, predict_module, components, scheduler):
     inputs = TXT2IMG | {"scheduler": scheduler, "num_outputs": 1}
     ours = predicted(predictor, predict_module, **inputs, prompt_weighting=False)
@@ -164,7 +164,7 @@ def test_inpainting_takes_the_upright_mask_and_prompt_strength(predictor, predic
 
 @pytest.mark.parametrize("fmt", ["webp", "jpg"])
 def test_output_quality_is_the_encoders_quality(predictor, predict_module, fmt):
-    inputs = TXT2IMG | {"num_outputs": 1}
+    inputs = TXT2IMG | {"num_outputs": 1, "num_inference_steps": 1}
     (lossless,) = predicted(predictor, predict_module, **inputs)
     decoded = {}
     for quality in (10, 100):
