@@ -334,8 +334,8 @@ def test_serving_passes_prompt_weighting_and_returns_the_token_report(pipe):
     request = serving.GenerationRequest(
         prompt=LONG + "、(最後の言葉:1.3)", width=128, height=128, num_inference_steps=2, seed=3, output_format="png"
     )
-    weighted = generator.generate(dataclasses.replace(request, prompt_weighting=True))
-    plain = generator.generate(request)
+    weighted = generator.generate(request)  # on by default, as in Cog and the CLI
+    plain = generator.generate(dataclasses.replace(request, prompt_weighting=False))
     report = weighted.token_report
     assert report.text.endswith("最後の言葉") and report.weights[-1] == 1.3
     assert weighted.token_report.metrics() == {
