@@ -10,7 +10,7 @@
 # 1. Docker: the running daemon, or else `dockerd --storage-driver=vfs --iptables=false --ip-masq=false
 #    --bridge=none` started here (Debian's docker.io installed first when missing) and stopped at the end;
 #    JSD_DOCKER_STORAGE_DRIVER=overlay2 where the host file system allows it (vfs copies every layer whole:
-#    the CUDA image takes ~50 GB with it).
+#    the CUDA image would take several times its 5.7 GB), with its data in /var/lib/docker-overlay2.
 #    A daemon that cannot start is a failure, with its log; never a skip.
 # 2. Base image: Debian bookworm minbase with Python 3.11, venv and tini, from debootstrap (its root file
 #    system is cached in $JSD_CONTAINER_CACHE, so later runs skip it), imported as a temporary image.
@@ -153,9 +153,13 @@ install_missing() {
 # Start dockerd in the background (vfs: works inside a container; no bridge: builds and checks need no NAT) and
 # wait for it to answer; the cleanup stops it.
 start_dockerd() {
-    local driver="${JSD_DOCKER_STORAGE_DRIVER:-vfs}"
-    log "starting dockerd ($driver storage, no bridge network; log: $cache/dockerd.log)"
-    dockerd --storage-driver="$driver" --iptables=false --ip-masq=false --bridge=none > "$cache/dockerd.log" 2>&1 &
+    local driver="${JSD_DOCKER_STORAGE_DRIVER:-vfs}" root=/var/lib/docker
+    # BuildKit's cache (ROOT/buildkit) outlives a change of storage driver and then names layers the new
+    # driver lacks ("failed to prepare ...: stat /var/lib/docker/vfs/dir/...: no such file"): one root each.
+    if [ "$driver" != vfs ]; then root="/var/lib/docker-$driver"; fi
+    log "starting dockerd ($driver storage in $root, no bridge network; log: $cache/dockerd.log)"
+    dockerd --storage-driver="$driver" --data-root="$root" --iptables=false --ip-masq=false --bridge=none \
+        > "$cache/dockerd.log" 2>&1 &
     started_dockerd=$!
     for _ in $(seq 120); do
         "$DOCKER" info > /dev/null 2>&1 && return 0
