@@ -3,6 +3,7 @@
 .venv/bin/python scripts/make_tiny_weights.py weights/
 .venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
 .venv/bin/python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
+.venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --scorer clip   # + a tiny Japanese CLIP in japanese_clip/
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 try:
     import torch
 
-    from jsd.tiny import make_checkpoint
+    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.tiny import make_checkpoint, write_tiny_scorer
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
 
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nsfw", choices=["never", "always"], default="never", help="safety checker flagging")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument(
+        "--scorer", choices=["clip", "cloob"], help="also write a tiny Japanese CLIP scorer (best-of-N) of this kind"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     dest = make_checkpoint(
@@ -38,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         nsfw=args.nsfw,
         torch_dtype=getattr(torch, args.dtype),
     )
+    if args.scorer:
+        spiece = args.tokenizer or dest / "tokenizer" / "spiece.model"
+        write_tiny_scorer(dest / SCORER_FOLDER, kind=args.scorer, seed=args.seed, tokenizer=spiece, size=args.size)
     print(f"wrote {args.size} checkpoint (seed {args.seed}) to {dest} in {time.perf_counter() - start:.1f} s")
 
 

@@ -194,3 +194,15 @@ def test_predictor_setup_fails_naming_a_damaged_scorer_file(weights_with_scorer,
     weights.write_bytes(bytes(data))
     with pytest.raises(ScorerError, match=rf"{weights} does not match its sha256"):
         _predictor(weights_with_scorer, monkeypatch)
+
+
+def test_make_tiny_weights_adds_a_scorer_best_of_n_can_load(tmp_path):
+    from jsd.manifest import verify_manifest
+
+    weights = tmp_path / "weights"
+    load_repo_module("scripts/make_tiny_weights.py").main([str(weights), "--scorer", "cloob"])
+    verify_manifest(weights)
+    scorer = serving.load_scorer(weights, device="cpu")
+    assert scorer.model_type == "cloob"
+    assert scorer.tokenizer.vocab_size == len(serving.load_pipeline(weights, device="cpu").tokenizer)
+    assert serving.load_scorer(tmp_path / "elsewhere") is None

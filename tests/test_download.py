@@ -407,3 +407,15 @@ def test_replacing_the_weights_keeps_the_scorer_beside_them(hub_files, tiny_scor
     assert download_weights.main(["--source", str(hub_files), "--dest", str(dest), "--force"]) == 0
     assert not any(name.startswith(SCORER_FOLDER) for name in verify_manifest(dest)["files"])
     assert verify_manifest(dest / SCORER_FOLDER)["source"].startswith("jsd.tiny scorer=clip")
+
+
+def test_scorer_tokenizer_from_a_local_folder(scorer_hub, tmp_path, capsys):
+    from jsd.japanese_clip import SCORER_FOLDER, JapaneseCLIPScorer
+
+    dest = tmp_path / "w"
+    argv = ["--dest", str(dest), "--scorer", str(scorer_hub[SCORER_REPO])]
+    assert download_weights.main([*argv, "--scorer-tokenizer", str(tmp_path / "none")]) == 1
+    assert f"--scorer-tokenizer '{tmp_path / 'none'}' holds no spiece.model" in capsys.readouterr().err
+    assert download_weights.main([*argv, "--scorer-tokenizer", str(scorer_hub[TOKENIZER_REPO])]) == 0
+    tokenizer = JapaneseCLIPScorer.from_pretrained(dest / SCORER_FOLDER).tokenizer
+    assert Path(tokenizer.vocab_file).read_bytes() == (scorer_hub[TOKENIZER_REPO] / "spiece.model").read_bytes()
