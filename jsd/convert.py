@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import subprocess
@@ -43,7 +44,14 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessorPil, CLIPTextModel
 
 from jsd.loading import load_components, load_scheduler
-from jsd.manifest import WeightsVerificationError, read_manifest, swap_into_place, verify_manifest, write_manifest
+from jsd.manifest import (
+    MANIFEST_FILE,
+    WeightsVerificationError,
+    read_manifest,
+    swap_into_place,
+    verify_manifest,
+    write_manifest,
+)
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.tokenizer import JapaneseTokenizer
 
@@ -408,9 +416,23 @@ def convert_checkpoint(
         if hidden.name != STAMP_FILE:  # kept until the swap: a rerun after a kill before it resumes
             shutil.rmtree(hidden) if hidden.is_dir() else hidden.unlink()
     write_manifest(staging, source=source, revision=revision)
+    _carry_nested_checkpoints(dest, staging)
     swap_into_place(staging, dest)
     (dest / STAMP_FILE).unlink(missing_ok=True)
     return report
+
+
+def _carry_nested_checkpoints(dest: Path, staging: Path) -> None:
+    """Move subfolders of ``dest`` with their own manifest (the Japanese CLIP scorer) into ``staging``.
+
+    Replacing the weights must not drop a scorer downloaded beside them; the new manifest does not list
+    its files (``checkpoint_files`` leaves nested checkpoints to their own manifests).
+    """
+    if not dest.is_dir():
+        return
+    for sub in sorted(dest.iterdir()):
+        if sub.is_dir() and (sub / MANIFEST_FILE).is_file() and not (staging / sub.name).exists():
+            os.replace(sub, staging / sub.name)
 
 
 def _staging(dest: Path, stamp: dict) -> Path:

@@ -86,13 +86,19 @@ def _workers() -> int:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """Every file of the checkpoint, the manifest itself and hidden files excluded."""
+    """Every file of the checkpoint, the manifest itself and hidden files excluded.
+
+    A subfolder with its own manifest is a checkpoint of its own (the Japanese CLIP scorer in
+    ``weights/japanese_clip/``), verified by its own manifest: its files are not this one's.
+    """
+    nested = [p.parent for p in folder.glob(f"*/**/{MANIFEST_FILE}")]
     return sorted(
         p
         for p in folder.rglob("*")
         if p.is_file()
         and p.name != MANIFEST_FILE
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not any(p.is_relative_to(sub) for sub in nested)
     )
 
 

@@ -359,3 +359,107 @@ def write_2022_checkpoint(served: str | Path, dest: str | Path, *, with_safety_c
         index["safety_checker"] = index["feature_extractor"] = [None, None]
     (dest / "model_index.json").write_text(json.dumps(index))
     return dest
+
+
+# --------------------------------------------------------------------------- rinna's Japanese CLIP / CLOOB
+# rinna's hub repos (rinna/japanese-clip-vit-b-16, rinna/japanese-cloob-vit-b-16) hold ``config.json`` and
+# ``pytorch_model.bin``: the files rinnakk/japanese-clip's auto_model.py reads (CONFIG_FILE, MODEL_FILE).
+# ``config.json`` is what transformers 4.x's save_pretrained wrote of rinna's CLIPConfig / CLOOBConfig: the
+# top-level keys of its __init__ and two full sub-configs with their own model_type ("bert", "vit"). The
+# tokenizer is another repo's (rinna/japanese-roberta-base: spiece.model and its configs).
+TRANSFORMERS_SCORER_VERSION = "4.21.0.dev0"
+ScorerKind = Literal["clip", "cloob"]
+
+
+def scorer_config(kind: ScorerKind, *, size: Size = "tiny", vocab_size: int = 32000) -> dict:
+    """rinna's top-level ``config.json`` for ``kind``; ``size="full"``: ViT-B/16 and BERT-base, projection 512."""
+    if size == "full":
+        width, layers, heads, mlp, patch, projection, positions = 768, 12, 12, 3072, 16, 512, 512
+    else:
+        width, layers, heads, mlp, patch, projection, positions = 32, 2, 2, 37, 32, 16, 128
+    towers = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads}
+    towers |= {"intermediate_size": mlp, "hidden_act": "gelu", "initializer_range": 0.02, "layer_norm_eps": 1e-12}
+    text = {"model_type": "bert", "architectures": ["BertModel"], **towers, "vocab_size": vocab_size}
+    text |= {"max_position_embeddings": positions, "type_vocab_size": 2, "pad_token_id": 3}
+    text |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "position_embedding_type": "absolute"}
+    vision = {"model_type": "vit", "architectures": ["ViTModel"], **towers, "image_size": 224, "patch_size": patch}
+    vision |= {"num_channels": 3, "qkv_bias": True, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = {"architectures": [f"{kind.upper()}Model"], "model_type": kind, "projection_dim": projection}
+    if kind == "clip":
+        config["logit_scale_init_value"] = 2.6592
+    else:
+        config |= {"init_inv_tau": 30.0, "scale_hopfield": 15.0}
+    config |= {"initializer_factor": 1.0, "text_config": text, "vision_config": vision}
+    return config | {"torch_dtype": "float32", "transformers_version": TRANSFORMERS_SCORER_VERSION}
+
+
+def scorer_state_dict(config: dict, *, seed: int, correlated: bool = True) -> dict[str, torch.Tensor]:
+    """Seeded random weights for ``config`` under rinna's state-dict keys (as transformers 4.x saved them).
+
+    ``correlated``: random towers give cosines around 0, and ``max(cos, 0)`` would flatten half the scores to
+    0; so both towers' last LayerNorms share one bias and both projections one matrix, which spreads the
+    cosines over (0, 1) while keeping them different for different images and texts.
+    """
+    from jsd.japanese_clip import DualEncoder
+
+    torch.manual_seed(seed)
+    model = DualEncoder(config)
+    state = {k: v.detach().clone() for k, v in model.rinna_state_dict().items()}
+    if correlated:
+        generator = torch.Generator().manual_seed(seed + 1)
+        width = model.text_config.hidden_size
+        bias = torch.randn(width, generator=generator)
+        last = model.text_config.num_hidden_layers - 1
+        for prefix in (f"text_model.encoder.layer.{last}.output.LayerNorm", "vision_model.layernorm"):
+            state[f"{prefix}.bias"] = bias.clone()
+            state[f"{prefix}.weight"] = torch.full((width,), 0.5)
+        state["visual_projection.weight"] = state["text_projection.weight"].clone()
+    # transformers 4.x saved BertEmbeddings.position_ids as a persistent buffer (until v4.31).
+    positions = model.text_config.max_position_embeddings
+    state["text_model.embeddings.position_ids"] = torch.arange(positions).expand((1, -1)).clone()
+    return state
+
+
+def write_tiny_scorer(
+    folder: str | Path,
+    *,
+    kind: ScorerKind = "clip",
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    size: Size = "tiny",
+    layout: Literal["served", "hub"] = "served",
+) -> Path:
+    """Write a seeded random Japanese CLIP (or CLOOB) scorer to ``folder``; returns ``folder``.
+
+    Args:
+        kind: rinna's model type, ``"clip"`` or ``"cloob"`` (the same towers; CLOOB has no ``logit_scale``).
+        tokenizer: a sentencepiece model with ``[CLS]`` (e.g. rinna's ``google_sp.model``); by default the small
+            one trained on the project's corpus.
+        size: ``"full"`` gives ViT-B/16 + BERT-base shapes (benchmarks only).
+        layout: ``"served"`` (what ``scripts/download_weights.py --scorer`` writes and
+            :meth:`jsd.japanese_clip.JapaneseCLIPScorer.from_pretrained` loads: ``config.json``,
+            ``model.safetensors``, ``tokenizer/``, ``manifest.json``) or ``"hub"`` (rinna's hub repo:
+            ``config.json`` and a pickled ``pytorch_model.bin``, plus ``tokenizer/`` standing for
+            rinna/japanese-roberta-base's files).
+    """
+    from safetensors.torch import save_file
+
+    from jsd.japanese_clip import CONFIG_FILE, HUB_WEIGHTS_FILE, TOKENIZER_SUBFOLDER, WEIGHTS_FILE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = folder / TOKENIZER_SUBFOLDER
+    if tokenizer is None:
+        spm_tokenizer = train_sentencepiece(corpus_lines(), tokenizer_dir, vocab_size=TINY_VOCAB_SIZE)
+    else:
+        spm_tokenizer = JapaneseTokenizer(tokenizer)
+        spm_tokenizer.save_pretrained(tokenizer_dir)
+    config = scorer_config(kind, size=size, vocab_size=spm_tokenizer.vocab_size)
+    state = scorer_state_dict(config, seed=seed)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if layout == "hub":
+        torch.save(state, folder / HUB_WEIGHTS_FILE)
+        return folder
+    save_file({k: v.contiguous() for k, v in state.items() if not k.endswith("position_ids")}, folder / WEIGHTS_FILE)
+    write_manifest(folder, source=f"{TINY_SOURCE_PREFIX} scorer={kind} size={size} seed={seed}", revision=f"seed{seed}")
+    return folder

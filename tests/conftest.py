@@ -41,3 +41,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def rinna_checkpoint(tmp_path_factory, rinna_spiece) -> Path:
     """Tiny seeded checkpoint with rinna's real 32,000-piece tokenizer. Treat as read-only."""
     return make_checkpoint(tmp_path_factory.mktemp("rinna-tiny") / "weights", tokenizer_model=rinna_spiece)
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tmp_path_factory) -> Path:
+    """Tiny seeded Japanese CLIP scorer folder (served layout, with manifest). Treat as read-only."""
+    from jsd.tiny import write_tiny_scorer
+
+    return write_tiny_scorer(tmp_path_factory.mktemp("scorer") / "japanese_clip", kind="clip", seed=0)
