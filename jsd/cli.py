@@ -198,12 +198,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     try:  # 1. every input checked before anything is loaded
         prompts = evaluation.read_prompts(args.prompts)
-        evaluation.check_requests(prompts, settings)
+        source = f"`--prompts` {args.prompts}" if args.prompts else f"jsd's {evaluation.DEFAULT_PROMPTS}"
+        evaluation.check_requests(prompts, settings, source=source)
         serving.GenerationRequest(lora_scale=args.lora_scale).validate()
         font = japanese_font(14, args.font)
         sides = [(_checkpoint_folder(args.weights, "--weights"), args.lora_weights, "--lora_weights")]
         if args.compare is not None:
             sides.append(_compare_side(args.compare, sides[0][0]))
+        for _, lora, flag in sides:  # fetched and checked now: a bad LoRA costs no generation
+            _check_lora(lora, flag)
         scorer_folder, scorer_flag = _scorer_folder(args)
         # 2. the scorer, then each side: generate this process's share of the prompts, score, gather
         state = _process_state(args.device)
@@ -250,6 +253,16 @@ def _compare_side(value: str, weights: Path) -> tuple[Path, str | None, str]:
     if Path(value).is_dir():
         return _checkpoint_folder(value, "--compare"), None, "--compare"
     return weights, value, "--compare"
+
+
+def _check_lora(value: str | None, flag: str) -> None:
+    from jsd import lora
+
+    if value:
+        try:
+            lora.LoraCache().resolve(value, name=flag)
+        except lora.LoraError as err:
+            raise CLIError(str(err)) from None
 
 
 def _label(weights: Path, lora: str | None, scale: float) -> str:

@@ -15,8 +15,8 @@ What it guarantees:
 - every pair ends in exactly one list: kept, dropped (both with their scores) or unscorable (with why);
 - scores are cached by image SHA-256, caption and scorer, appended to the cache after every batch; an
   interrupted run loses nothing already scored and a rerun scores only what is missing;
-- with several processes (``accelerate launch``) each scores every n-th pair and the results are gathered:
-  the lists are the same as with one process.
+- with several processes (``accelerate launch``) each scores every n-th batch and the results are gathered:
+  the lists and scores are the same as with one process.
 """
 
 from __future__ import annotations
@@ -212,19 +212,21 @@ def score_pairs(
     state=None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[Outcome]:
-    """Score every pair (this process: every ``num_processes``-th, from its index), gathered in pair order.
+    """Score every pair, gathered in pair order.
 
-    ``state``: accelerate's ``PartialState`` when several processes share the work (``None``: one).
-    Batches of ``batch_size`` go to ``scorer.score``; each batch is in the cache before the next starts.
+    ``state``: accelerate's ``PartialState`` (or ``Accelerator``) when several processes share the work
+    (``None``: one). The pairs are cut into batches of ``batch_size``; batch ``k`` is scored by process
+    ``k % num_processes``, whole, so a score does not depend on the number of processes. Each batch is in
+    the cache before the next starts.
     """
     from tqdm.auto import tqdm
 
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    mine = list(range(rank, len(pairs), world))
+    mine = list(_chunks(list(range(len(pairs))), batch_size))[rank::world]
     show = state is None or state.is_local_main_process
     outcomes = []
-    with tqdm(total=len(mine), desc="Japanese CLIP scores", unit="pair", disable=not show) as progress:
-        for chunk in _chunks(mine, batch_size):
+    with tqdm(total=sum(map(len, mine)), desc="Japanese CLIP scores", unit="pair", disable=not show) as progress:
+        for chunk in mine:
             outcomes += _score_chunk(Path(folder), pairs, chunk, scorer, cache, batch_size)
             progress.update(len(chunk))
     if world > 1:

@@ -219,35 +219,47 @@ def make_request(prompt: str, index: int, settings: EvalSettings, *, lora_scale:
     )
 
 
-def check_requests(prompts: Sequence[str], settings: EvalSettings, *, name: str = "--prompts") -> None:
-    """Validate every request before any model work; a bad one is an :class:`EvaluationError` naming it."""
+def check_requests(prompts: Sequence[str], settings: EvalSettings, *, source: str = "`--prompts`") -> None:
+    """Validate every request before any model work; a bad prompt is an :class:`EvaluationError` naming
+    ``source`` (the prompt file) and the prompt's number; a bad setting raises :class:`jsd.serving.InputError`."""
     from jsd.serving import InputError
 
     for i, prompt in enumerate(prompts):
         try:
-            make_request(prompt, i, settings).validate()
+            make_request(prompt, 0, settings).validate()
         except InputError as err:
-            raise EvaluationError(f"`{name}` prompt {i + 1} ({prompt[:40]!r}): {err}") from None
+            if "`prompt`" not in str(err):  # a setting (width, steps …): the same for every prompt
+                raise
+            raise EvaluationError(f"{source}: prompt {i + 1} ({prompt[:20]!r}…): {err}") from None
 
 
 def evaluate_arm(
     arm: Arm, scorer, prompts: Sequence[str], settings: EvalSettings, *, state=None, batch_size: int = 16
 ) -> list[Row]:
-    """Generate and score this process's share of ``prompts`` (every n-th), gathered in prompt order."""
+    """Generate and score this process's share of ``prompts``, gathered in prompt order.
+
+    The prompts are cut into batches of ``batch_size`` and batch ``k`` goes to process ``k % num_processes``:
+    every batch is scored whole, so the scores do not depend on the number of processes.
+    """
     from tqdm.auto import tqdm
 
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    mine = list(range(rank, len(prompts), world))
-    images = []
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    mine = batches[rank::world]
     show = state is None or state.is_local_main_process
-    for i in tqdm(mine, desc=f"Generating ({arm.label})", unit="image", disable=not show):
-        request = make_request(prompts[i], i, settings, lora_scale=arm.lora_scale)
-        images.append(arm.generator.generate(request).images[0].image)
-    scores = scorer.score(images, [prompts[i] for i in mine], batch_size=batch_size).tolist() if mine else []
-    rows = [
-        Row(i, prompts[i], settings.seed + i, float(score), _png(image))
-        for i, image, score in zip(mine, images, scores, strict=True)
-    ]
+    rows = []
+    with tqdm(total=sum(map(len, mine)), desc=f"Generating ({arm.label})", unit="image", disable=not show) as bar:
+        for batch in mine:
+            images = []
+            for i in batch:
+                request = make_request(prompts[i], i, settings, lora_scale=arm.lora_scale)
+                images.append(arm.generator.generate(request).images[0].image)
+                bar.update(1)
+            scores = scorer.score(images, [prompts[i] for i in batch], batch_size=batch_size).tolist()
+            rows += [
+                Row(i, prompts[i], settings.seed + i, float(score), _png(image))
+                for i, image, score in zip(batch, images, scores, strict=True)
+            ]
     if world > 1:
         from accelerate.utils import gather_object
 

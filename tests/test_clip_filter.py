@@ -43,8 +43,8 @@ CAPTIONS = [
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def scorer_folder(tmp_path_factory):
-    return write_tiny_scorer(tmp_path_factory.mktemp("scorer") / SCORER_FOLDER)
+def scorer_folder(tiny_scorer):
+    return tiny_scorer
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,9 @@ def data_folder(root, *, captions=CAPTIONS, fmt: str = "metadata"):
     for i in range(len(captions)):
         (root / f"{i:02d}.png").write_bytes(image_bytes(i))
     if fmt == "metadata":
-        lines = [json.dumps({"file_name": f"{i:02d}.png", "text": c}, ensure_ascii=False) for i, c in enumerate(captions)]
+        lines = [
+            json.dumps({"file_name": f"{i:02d}.png", "text": c}, ensure_ascii=False) for i, c in enumerate(captions)
+        ]
         (root / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     elif fmt == "csv":
         rows = [f"{i:02d}.png,{c}" for i, c in enumerate(captions)]
@@ -120,8 +122,8 @@ def test_the_filter_drops_exactly_the_pairs_below_the_threshold(tmp_path, scorer
     assert len({round(s, 3) for s in expected.values()}) == len(CAPTIONS)  # the scores spread: the test can fail
     threshold = between(expected, 5)
     out = tmp_path / "out"
-    main(["filter-data", str(data), "--min_clip_score", f"{threshold!r}", "--scorer", str(scorer_folder)]
-         + ["--output_dir", str(out), "--batch_size", "5"])  # fmt: skip
+    main(["filter-data", str(data), "--min_clip_score", f"{threshold!r}", "--scorer", str(scorer_folder),
+          "--output_dir", str(out), "--batch_size", "5"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "7 kept, 5 dropped" in printed and "12 scored now, 0 from the cache" in printed
 
@@ -148,7 +150,9 @@ def test_a_score_equal_to_the_threshold_is_kept():
 def test_the_histogram_marks_the_threshold(tmp_path, scorer, scorer_folder):
     data = data_folder(tmp_path / "data")
     out = tmp_path / "out"
-    main(["filter-data", str(data), "--min_clip_score", "37.5", "--scorer", str(scorer_folder), "--output_dir", str(out)])
+    main(
+        ["filter-data", str(data), "--min_clip_score", "37.5", "--scorer", str(scorer_folder), "--output_dir", str(out)]
+    )
     image = Image.open(out / "histogram.png").convert("RGB")
     assert image.size == (900, 420)
     # the plot spans x = 60 .. 880 for scores 0 .. 100: the red line stands at 60 + 820 × 0.375
@@ -290,7 +294,10 @@ def test_a_missing_or_damaged_scorer_is_named_and_the_cache_survives(tmp_path, s
     weights.mkdir()
     with pytest.raises(SystemExit):
         main(["filter-data", str(data), "--min_clip_score", "20", "--weights", str(weights)])
-    assert f"`--weights {weights}: its japanese_clip/` {weights / SCORER_FOLDER}: no Japanese CLIP" in capsys.readouterr().err
+    assert (
+        f"`--weights {weights}: its japanese_clip/` {weights / SCORER_FOLDER}: no Japanese CLIP"
+        in capsys.readouterr().err
+    )
 
     # the default location (WEIGHTS/japanese_clip) works; its scores are cached in the output folder
     (weights / SCORER_FOLDER).symlink_to(scorer_folder, target_is_directory=True)
