@@ -137,7 +137,7 @@ DRY_RUN_PLAN = Plan(
         "oom": 5,
         "compile": 20,
         "training": 30,
-        "clip-score": 15,
+        "clip-score": 20,
     },
     compile_kwargs={"backend": "eager", "fullgraph": True},
 )
