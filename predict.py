@@ -16,7 +16,7 @@ import time
 
 from cog import BaseRunner, Input, Path
 
-from jsd import lora, serving
+from jsd import best_of_n, lora, serving
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
 from jsd.schedulers import DEFAULT_SCHEDULER, scheduler_names
@@ -46,8 +46,11 @@ class Predictor(BaseRunner):
         verified = time.perf_counter()
         pipe = serving.load_pipeline(folder)
         optimize_pipeline(pipe, pipe.device)  # SDPA, channels_last, VAE slicing/tiling; logs what it did
+        # weights/japanese_clip/, verified against its own manifest (a damaged one fails setup); None if absent.
+        scorer = serving.load_scorer(folder, device=pipe.device)
         loaded = time.perf_counter()
-        self.generator = serving.ImageGenerator(pipe, model_revision=str(manifest.get("revision", "unknown")))
+        revision = str(manifest.get("revision", "unknown"))
+        self.generator = serving.ImageGenerator(pipe, model_revision=revision, scorer=scorer)
         logger.info(
             "Loaded %s (revision %s) on %s/%s: verify %.1f s, load %.1f s",
             folder,
@@ -60,6 +63,10 @@ class Predictor(BaseRunner):
         if weights:
             default = self.generator.set_default_lora(weights)
             logger.info("Default LoRA (COG_WEIGHTS) %s, sha256 %s", default.source, default.sha256)
+        if scorer is None:
+            logger.info("No Japanese CLIP scorer in %s: `num_candidates` above 1 is refused.", folder)
+        else:
+            logger.info("Japanese CLIP scorer (%s) loaded: best-of-N is available.", scorer.model_type)
         if not self.generator.has_safety_checker:
             logger.warning("This checkpoint has no safety checker: images are returned unchecked.")
 
@@ -137,6 +144,16 @@ class Predictor(BaseRunner):
             le=lora.MAX_LORA_SCALE,
             default=1.0,
         ),
+        num_candidates: int = Input(
+            description="Best-of-N: generate this many candidates per image and return the one rinna's Japanese "
+            "CLIP scores highest against the prompt (needs the scorer in the weights, else only 1 is accepted). "
+            "N candidates take about N times the generation time, plus a little for scoring, but no more memory: "
+            "they are generated in batches within the pixel budget. Candidate j of image i uses seed + i·N + j. "
+            "1: plain generation.",
+            ge=1,
+            le=best_of_n.MAX_CANDIDATES,
+            default=1,
+        ),
     ) -> list[Path]:
         shutil.rmtree(self.output_dir, ignore_errors=True)  # the previous prediction's files
         os.makedirs(self.output_dir)
@@ -159,11 +176,14 @@ class Predictor(BaseRunner):
             prompt_weighting=prompt_weighting,
             lora_weights=lora_weights,
             lora_scale=lora_scale,
+            num_candidates=num_candidates,
         )
         result = self.generator.generate(request)
         for name, value in result.token_report.metrics().items():  # prompt_tokens, prompt_chunks, ...
             self.record_metric(name, value)
         self.record_metric("seeds", result.seeds)
+        if result.candidates:  # best-of-N: every candidate's seed and score, and which were returned
+            self.record_metric("candidates", [c.metric() for c in result.candidates])
         self.record_metric("nsfw_filtered", len(result.flagged_seeds))
         self.record_metric("inference_seconds", round(result.inference_seconds, 3))
         logger.info("Seeds %s; returned %d image(s)", result.seeds, len(result.images))

@@ -462,3 +462,77 @@ def describe(dest: str | Path) -> str:
     total = sum(f["size"] for f in manifest["files"].values())
     size = f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
     return f"{dest}: {manifest.get('source')}@{manifest.get('revision')}, {len(manifest['files'])} files, {size}"
+
+
+# --------------------------------------------------------------------------- the Japanese CLIP scorer
+SCORER_TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def scorer_weights_file(names: Iterable[str]) -> str:
+    """The weights file to fetch from a scorer repo: ``model.safetensors`` if it has one, else rinna's pickle."""
+    from jsd.japanese_clip import HUB_WEIGHTS_FILE, WEIGHTS_FILE
+
+    names = set(names)
+    for name in (WEIGHTS_FILE, HUB_WEIGHTS_FILE):
+        if name in names:
+            return name
+    raise ConversionError(f"The scorer repo holds neither {WEIGHTS_FILE} nor {HUB_WEIGHTS_FILE}.")
+
+
+def convert_scorer(
+    source_dir: str | Path,
+    spiece: str | Path,
+    dest: str | Path,
+    *,
+    source: str,
+    revision: str,
+    torch_dtype: torch.dtype = SERVED_DTYPE,
+    force: bool = False,
+) -> ConversionReport:
+    """Convert rinna's Japanese CLIP or CLOOB (``config.json`` + weights) to the served scorer folder ``dest``.
+
+    ``dest`` gets rinna's ``config.json`` unchanged, ``model.safetensors`` (rinna's key names, ``torch_dtype``),
+    ``tokenizer/`` (``spiece``: rinna/japanese-roberta-base's sentencepiece model) and ``manifest.json``;
+    it is checked by loading it as :func:`jsd.japanese_clip.build_model` would before anything is written.
+    """
+    from jsd.japanese_clip import (
+        CONFIG_FILE,
+        TOKENIZER_SUBFOLDER,
+        WEIGHTS_FILE,
+        ScorerError,
+        build_model,
+        read_config,
+    )
+
+    source_dir, dest = Path(source_dir), Path(dest)
+    if not force and existing_checkpoint(dest, source=source, revision=revision) is not None:
+        return ConversionReport(dest, already_complete=True)
+    weights = source_dir / scorer_weights_file(local_files(source_dir))
+    try:
+        config = read_config(source_dir)
+        state = _read_state(weights)
+        model = build_model(config, state, path=weights)
+    except ScorerError as err:
+        raise ConversionError(str(err)) from err
+    served = {k: v.to(torch_dtype).contiguous() for k, v in model.rinna_state_dict().items()}
+    bad = [k for k, v in served.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConversionError(f"{weights} has non-finite values in {bad[:3]} (after the cast to {torch_dtype}).")
+    staging = dest.parent / f".{dest.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copyfile(source_dir / CONFIG_FILE, staging / CONFIG_FILE)
+    save_file(served, staging / WEIGHTS_FILE)
+    # rinna's load_tokenizer() forces do_lower_case=True ("bug of tokenizer config loading").
+    JapaneseTokenizer(spiece, do_lower_case=True).save_pretrained(staging / TOKENIZER_SUBFOLDER)
+    write_manifest(staging, source=source, revision=revision)
+    swap_into_place(staging, dest)
+    return ConversionReport(dest, already_complete=False, converted=[dest.name])
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from jsd.japanese_clip import load_weights
+
+        return load_weights(path)
+    return load_pickled_state_dict(path)

@@ -129,12 +129,11 @@ class DualEncoder(nn.Module):
 
     def load_rinna_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state dict under rinna's keys (transformers 4.x tower names); strict, shapes checked."""
+        renames = {tower: _renamer(getattr(self, tower)) for tower in _TOWERS}
         renamed = {}
         for key, tensor in state.items():
-            tower = key.split(".", 1)[0]
-            if tower in _TOWERS:
-                key = f"{tower}.{_rename(getattr(self, tower), key.split('.', 1)[1])}"
-            renamed[key] = tensor
+            tower, _, rest = key.partition(".")
+            renamed[f"{tower}.{renames[tower](rest)}" if tower in renames else key] = tensor
         self.load_state_dict(renamed, strict=True)
 
     def rinna_state_dict(self) -> dict[str, torch.Tensor]:
@@ -166,8 +165,8 @@ class DualEncoder(nn.Module):
 _TOWERS = ("text_model", "vision_model")
 
 
-def _rename(tower: nn.Module, key: str) -> str:
-    """A transformers 4.x key of ``tower`` under today's name, by transformers' own checkpoint conversion mapping.
+def _renamer(tower: nn.Module):
+    """Maps a transformers 4.x key of ``tower`` to today's name, by transformers' own checkpoint conversion mapping.
 
     transformers 5 renamed ViT's ``encoder.layer.N.attention.attention.query`` to ``layers.N.attention.q_proj``
     (and more); ``from_pretrained`` renames old checkpoints with ``conversion_mapping.py``'s per-model_type
@@ -179,7 +178,7 @@ def _rename(tower: nn.Module, key: str) -> str:
     transforms = get_model_conversion_mapping(tower)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return rename_source_key(key, renamings, converters)[0]
+    return lambda key: rename_source_key(key, renamings, converters)[0]
 
 
 def _sub_config(sub: dict):
@@ -323,9 +322,9 @@ class JapaneseCLIPScorer:
         """
         if len(images) != len(texts):
             raise ValueError(f"score() needs one text per image: got {len(images)} images and {len(texts)} texts.")
-        unique = list(dict.fromkeys(texts))
-        text_features = self.text_features(unique, batch_size=batch_size)
-        index = torch.tensor([unique.index(t) for t in texts], dtype=torch.long)
+        position = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        text_features = self.text_features(list(position), batch_size=batch_size)
+        index = torch.tensor([position[t] for t in texts], dtype=torch.long)
         image_features = self.image_features(images, batch_size=batch_size)
         cosine = (image_features * text_features[index]).sum(dim=-1)
         return 100 * cosine.clamp(min=0)

@@ -20,7 +20,10 @@ What a user can rely on:
   flagged fails (:class:`NSFWError`);
 - CUDA out-of-memory frees the cache and raises :class:`GenerationError`; the next call works;
 - a LoRA (``lora_weights``, or the generator's default one) is loaded for one request and unloaded after
-  it: a request without one gets the base model's images bit for bit, and so does ``lora_scale=0``.
+  it: a request without one gets the base model's images bit for bit, and so does ``lora_scale=0``;
+- ``num_candidates`` N > 1 (best-of-N, :mod:`jsd.best_of_n`) generates N candidates per returned image, in
+  batches within :data:`MAX_PIXELS`, and returns the one the Japanese CLIP scorer ranks highest; it needs a
+  scorer (``weights/japanese_clip/``), and N = 1 is the plain generation, bit for bit.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from xml.sax.saxutils import escape
 
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from jsd import best_of_n
 from jsd import lora as lora_weights
+from jsd.japanese_clip import SCORER_FOLDER
 from jsd.pipelines import (
     JapaneseStableDiffusionImg2ImgPipeline,
     JapaneseStableDiffusionInpaintPipeline,
@@ -47,6 +52,9 @@ from jsd.pipelines import (
 )
 from jsd.prompting import DEFAULT_MAX_PROMPT_CHUNKS, TokenReport, tokenize_prompt
 from jsd.schedulers import DEFAULT_SCHEDULER, check_scheduler_name, make_scheduler
+
+if TYPE_CHECKING:
+    from jsd.japanese_clip import JapaneseCLIPScorer
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +119,7 @@ class GenerationRequest:
     prompt_weighting: bool = False  # parse "(text:1.3)" weights (jsd.prompting); the Cog predictor turns it on
     lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora); None: the generator's default
     lora_scale: float = 1.0  # 0: the base model exactly
+    num_candidates: int = 1  # best-of-N: candidates per returned image, ranked by the Japanese CLIP scorer
 
     def validate(self) -> ValidatedRequest:
         """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one."""
@@ -142,6 +151,7 @@ class GenerationRequest:
         if self.lora_weights is not None and not isinstance(self.lora_weights, str):
             raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {self.lora_weights!r}.")
         _check_float("lora_scale", self.lora_scale, 0.0, lora_weights.MAX_LORA_SCALE)
+        _check_int("num_candidates", self.num_candidates, 1, best_of_n.MAX_CANDIDATES)
         image, mask = self._decode_images()
         return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
 
@@ -204,6 +214,7 @@ class GenerationResult:
     output_quality: int
     inference_seconds: float
     token_report: TokenReport | None = None  # how the prompt was tokenized: pieces, chunks, truncation
+    candidates: list[best_of_n.Candidate] = field(default_factory=list)  # best-of-N only: every candidate
 
     def save(self, folder: str | os.PathLike, *, stem: str = "out") -> list[Path]:
         """Write every image to ``folder`` as ``{stem}-{index}.{format}`` with its settings embedded."""
@@ -232,6 +243,19 @@ def load_pipeline(folder: str | os.PathLike, *, device: str | torch.device | Non
     return pipe.to(device)
 
 
+def load_scorer(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> JapaneseCLIPScorer | None:
+    """The Japanese CLIP scorer in ``folder/japanese_clip/``, verified against its manifest; ``None`` when absent.
+
+    Raises :class:`jsd.japanese_clip.ScorerError` naming the file when the folder is there but damaged.
+    """
+    from jsd.japanese_clip import JapaneseCLIPScorer
+
+    path = Path(folder) / SCORER_FOLDER
+    if not path.exists():
+        return None
+    return JapaneseCLIPScorer.from_pretrained(path, device=device)
+
+
 class ImageGenerator:
     """Generates images for :class:`GenerationRequest`\\ s with one loaded text-to-image pipeline.
 
@@ -246,8 +270,11 @@ class ImageGenerator:
         *,
         model_revision: str = "unknown",
         lora_cache: lora_weights.LoraCache | None = None,
+        scorer: JapaneseCLIPScorer | None = None,
     ) -> None:
+        """``scorer``: the Japanese CLIP scorer ranking best-of-N candidates (``None``: ``num_candidates`` 1 only)."""
         self.pipeline = pipeline
+        self.scorer = scorer
         self.model_revision = model_revision
         self._scheduler_config = dict(pipeline.scheduler.config)
         self.lora_cache = lora_cache or lora_weights.LoraCache()
@@ -286,6 +313,12 @@ class ImageGenerator:
             GenerationError: CUDA ran out of memory (the memory is freed first).
         """
         checked = request.validate()
+        if request.num_candidates > 1 and self.scorer is None:
+            raise InputError(
+                f"`num_candidates` is {request.num_candidates}, but this model has no Japanese CLIP scorer to rank "
+                f"candidates with ({SCORER_FOLDER}/ is missing from its weights folder): use `num_candidates` 1, "
+                "or add a scorer with `python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16`."
+            )
         logger.info("Generating %d image(s) with seeds %s", request.num_outputs, checked.seeds)
         # The pipeline tokenizes the prompt again in encode_prompt; within MAX_PROMPT_CHARS that costs a few
         # milliseconds (about 6 ms for 2,000 characters), so this report is not threaded through to it.
@@ -300,11 +333,17 @@ class ImageGenerator:
             with lora_weights.apply_lora(pipe, lora, request.lora_scale) as cross_attention_kwargs:
                 if lora is not None:
                     logger.info("LoRA %s (sha256 %s) at scale %g", lora.source, lora.sha256[:12], request.lora_scale)
-                output = self._run(pipe, checked, cross_attention_kwargs)
+                if request.num_candidates == 1:
+                    output = self._run(pipe, checked, cross_attention_kwargs)
+                else:
+                    candidates, images = self._run_candidates(pipe, checked, cross_attention_kwargs)
         except lora_weights.LoraError as err:
             raise InputError(str(err)) from None
         seconds = time.perf_counter() - start
-        result = self._collect(checked, output, seconds, lora)
+        if request.num_candidates == 1:
+            result = self._collect(checked, output, seconds, lora)
+        else:
+            result = self._collect_best(checked, candidates, images, seconds, lora)
         result.token_report = report
         return result
 
@@ -323,16 +362,24 @@ class ImageGenerator:
         pipe.set_progress_bar_config(**getattr(self.pipeline, "_progress_bar_config", {}))
         return pipe
 
-    def _run(self, pipe, checked: ValidatedRequest, cross_attention_kwargs: dict | None = None):
+    def _run(
+        self,
+        pipe,
+        checked: ValidatedRequest,
+        cross_attention_kwargs: dict | None = None,
+        seeds: list[int] | None = None,
+    ):
+        """One pipeline call: an image per seed (default: the request's ``seed + i``)."""
         request = checked.request
+        seeds = checked.seeds if seeds is None else seeds
         # CPU generators: the starting noise for a seed is the same on every device.
-        generators = [torch.Generator("cpu").manual_seed(s) for s in checked.seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         kwargs = {
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt or None,
             "num_inference_steps": request.num_inference_steps,
             "guidance_scale": request.guidance_scale,
-            "num_images_per_prompt": request.num_outputs,
+            "num_images_per_prompt": len(seeds),
             "generator": generators,
             "prompt_weighting": request.prompt_weighting,
         }
@@ -352,8 +399,72 @@ class ImageGenerator:
         # Out of memory, handled here: once the except block has ended, its traceback no longer holds the tensors.
         free_accelerator_memory()
         raise GenerationError(
-            f"CUDA ran out of memory generating {request.num_outputs} image(s) of {request.width}×"
+            f"CUDA ran out of memory generating {len(seeds)} image(s) of {request.width}×"
             f"{request.height}: lower `num_outputs`, `width` or `height` and try again."
+        )
+
+    def _run_candidates(
+        self, pipe, checked: ValidatedRequest, cross_attention_kwargs: dict | None
+    ) -> tuple[list[best_of_n.Candidate], list[Image.Image]]:
+        """Best-of-N: every candidate, in batches within the pixel budget, then scored against the prompt."""
+        request = checked.request
+        seeds = best_of_n.candidate_seeds(checked.seed, request.num_outputs, request.num_candidates)
+        per_batch = best_of_n.candidates_per_batch(request.width, request.height, MAX_PIXELS)
+        images, flags = [], []
+        for batch in best_of_n.batches(seeds, per_batch):
+            output = self._run(pipe, checked, cross_attention_kwargs, seeds=batch)
+            images += output.images
+            flags += output.nsfw_content_detected or [False] * len(output.images)
+        candidates = [
+            best_of_n.Candidate(output=k // request.num_candidates, seed=seed, nsfw=bool(nsfw))
+            for k, (seed, nsfw) in enumerate(zip(seeds, flags, strict=True))
+        ]
+        scored = [k for k, candidate in enumerate(candidates) if not candidate.nsfw]
+        text = best_of_n.scoring_text(request.prompt, prompt_weighting=request.prompt_weighting)
+        scores = self.scorer.score([images[k] for k in scored], [text] * len(scored))
+        for k, score in zip(scored, scores.tolist(), strict=True):
+            candidates[k].score = score
+        return candidates, images
+
+    def _collect_best(
+        self,
+        checked: ValidatedRequest,
+        candidates: list[best_of_n.Candidate],
+        images: list[Image.Image],
+        seconds: float,
+        lora: lora_weights.LoraFile | None = None,
+    ) -> GenerationResult:
+        request = checked.request
+        best = best_of_n.choose(candidates)
+        kept = []
+        for candidate in candidates:
+            state = "chosen" if candidate.chosen else "flagged" if candidate.nsfw else "not chosen"
+            logger.info(
+                "Image %d candidate seed %d: score %s, %s", candidate.output, candidate.seed, candidate.score, state
+            )
+        for index in range(request.num_outputs):
+            if index not in best:
+                logger.warning("Every candidate of image %d was flagged by the safety checker.", index)
+                continue
+            chosen = best[index]
+            metadata = self.metadata(request, chosen.seed, lora)
+            metadata |= {"clip_score": f"{chosen.score:.2f}", "num_candidates": str(request.num_candidates)}
+            image = images[candidates.index(chosen)]
+            kept.append(GeneratedImage(image=image, seed=chosen.seed, index=index, metadata=metadata))
+        flagged = [c.seed for c in candidates if c.nsfw]
+        if not kept:
+            raise NSFWError(
+                f"All {len(flagged)} candidate(s) were flagged as NSFW by the safety checker (seeds "
+                f"{', '.join(map(str, flagged))}); nothing is returned. Try another prompt or seed."
+            )
+        return GenerationResult(
+            images=kept,
+            flagged_seeds=flagged,
+            seeds=[c.seed for c in candidates],
+            output_format=request.output_format,
+            output_quality=request.output_quality,
+            inference_seconds=seconds,
+            candidates=candidates,
         )
 
     def _collect(

@@ -5,6 +5,12 @@
     python scripts/download_weights.py           # → weights/ (fp16 safetensors + manifest.json)
     python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
     python scripts/download_weights.py --verify-only weights/                                 # check a folder
+    python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16    # → weights/japanese_clip/
+
+``--scorer`` fetches rinna's Japanese CLIP (or ``rinna/japanese-cloob-vit-b-16``; both Apache-2.0, not
+gated) and the tokenizer it uses (rinna/japanese-roberta-base's ``spiece.model``), converts them to
+safetensors and writes their own manifest into ``<dest>/japanese_clip/``: the scorer of best-of-N
+(``num_candidates``) and of ``jsd evaluate``/``filter-data`` (docs/japanese-clip.md).
 
 Only the files serving needs are fetched (configs, tokenizer, the weights of unet, vae,
 text_encoder and safety_checker), into the Hugging Face cache: an interrupted download resumes
@@ -22,6 +28,7 @@ from pathlib import Path
 
 DEFAULT_SOURCE = "rinna/japanese-stable-diffusion"
 DEFAULT_DEST = "weights"
+SCORER_TOKENIZER_REPO = "rinna/japanese-roberta-base"  # japanese_clip/tokenizer.py load_tokenizer()
 GATED_HELP = """\
 The Hugging Face hub refused access to {repo} ({reason}).
 The weights are gated under the CreativeML OpenRAIL-M license. To get access:
@@ -45,6 +52,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="replace --dest even if it holds something else")
     parser.add_argument("--verify-only", metavar="DIR", help="only verify DIR against its manifest, then exit")
     parser.add_argument("--allow-tiny", action="store_true", help="with --verify-only: accept a tiny test checkpoint")
+    parser.add_argument(
+        "--scorer",
+        metavar="REPO_OR_DIR",
+        help="instead of the main weights: fetch a Japanese CLIP scorer (rinna/japanese-clip-vit-b-16 or "
+        "rinna/japanese-cloob-vit-b-16, or a local folder) into <dest>/japanese_clip",
+    )
+    parser.add_argument(
+        "--scorer-tokenizer",
+        metavar="REPO_OR_DIR",
+        default=SCORER_TOKENIZER_REPO,
+        help=f"with --scorer: where its spiece.model comes from (default: {SCORER_TOKENIZER_REPO})",
+    )
     return parser.parse_args(argv)
 
 
@@ -64,8 +83,11 @@ def verify_only(folder: str, *, allow_tiny: bool) -> str:
     return f"verified {describe(folder)} in {time.perf_counter() - start:.1f} s"
 
 
-def fetch_from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None) -> tuple[Path, str]:
-    """Download the files conversion needs; returns the snapshot folder and the commit sha."""
+def fetch_from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None, choose=None) -> tuple[Path, str]:
+    """Download the files conversion needs; returns the snapshot folder and the commit sha.
+
+    ``choose``: picks the files to fetch from the repo's file names (default: the main checkpoint's).
+    """
     from huggingface_hub import HfApi, get_token, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -80,7 +102,7 @@ def fetch_from_hub(repo_id: str, *, revision: str | None, cache_dir: str | None)
     token = get_token()  # HF_TOKEN, or the token saved by `hf auth login`
     try:
         info = HfApi().model_info(repo_id, revision=revision, token=token)
-        files = select_files(sibling.rfilename for sibling in info.siblings)
+        files = (choose or select_files)([sibling.rfilename for sibling in info.siblings])
         print(f"downloading {len(files)} files of {repo_id}@{info.sha} (resumable) …", flush=True)
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=files, token=token, cache_dir=cache_dir)
     except RevisionNotFoundError as err:
@@ -124,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify_only:
             print(verify_only(args.verify_only, allow_tiny=args.allow_tiny))
             return 0
+        if args.scorer:
+            return _download_scorer(args)
         return _download_and_convert(args)
     except (ConversionError, WeightsVerificationError, DownloadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -163,6 +187,71 @@ def _download_and_convert(args: argparse.Namespace) -> int:
     print(f"converted {done}{resumed}")
     print(f"wrote {describe(dest)} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _download_scorer(args: argparse.Namespace) -> int:
+    """``--scorer``: rinna's Japanese CLIP/CLOOB and its tokenizer → ``<dest>/japanese_clip`` (+ manifest)."""
+    import torch
+
+    from jsd.convert import convert_scorer, describe, existing_checkpoint, local_revision, scorer_weights_file
+    from jsd.japanese_clip import CONFIG_FILE, SCORER_FOLDER
+
+    start = time.perf_counter()
+    dest = Path(args.dest) / SCORER_FOLDER
+    # As for the main weights: without --revision, a complete scorer of this source is a no-op, without the network.
+    local = is_local(args.scorer)
+    source = str(Path(args.scorer).expanduser().resolve()) if local else args.scorer
+    if not args.force and args.revision is None and existing_checkpoint(dest, source=source, revision=None):
+        print(f"{describe(dest)}: already complete and verified; nothing to do.")
+        return 0
+    if local:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--scorer {args.scorer!r} is not a folder.")
+        revision = args.revision or local_revision(folder)
+    else:
+
+        def scorer_files(names: list[str]) -> list[str]:
+            return [CONFIG_FILE, scorer_weights_file(names)]
+
+        folder, revision = fetch_from_hub(
+            args.scorer, revision=args.revision, cache_dir=args.cache_dir, choose=scorer_files
+        )
+    spiece = _scorer_spiece(folder, args)
+    report = convert_scorer(
+        folder, spiece, dest, source=source, revision=revision, torch_dtype=getattr(torch, args.dtype), force=args.force
+    )
+    if report.already_complete:
+        print(f"{describe(dest)}: already complete and verified; nothing to do.")
+    else:
+        print(f"wrote {describe(dest)} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _scorer_spiece(folder: Path, args: argparse.Namespace) -> Path:
+    """The scorer's sentencepiece model: in its folder (``tokenizer/`` or top level), else ``--scorer-tokenizer``."""
+    from jsd.convert import SCORER_TOKENIZER_FILES
+
+    for candidate in (folder / "tokenizer" / "spiece.model", folder / "spiece.model"):
+        if candidate.is_file():
+            return candidate
+    if is_local(args.scorer_tokenizer):
+        spiece = Path(args.scorer_tokenizer).expanduser() / "spiece.model"
+        if not spiece.is_file():
+            raise FileNotFoundError(f"--scorer-tokenizer {args.scorer_tokenizer!r} holds no spiece.model.")
+        return spiece
+
+    def tokenizer_files(names: list[str]) -> list[str]:
+        return [name for name in SCORER_TOKENIZER_FILES if name in names]
+
+    tokenizer, _ = fetch_from_hub(
+        args.scorer_tokenizer, revision=None, cache_dir=args.cache_dir, choose=tokenizer_files
+    )
+    if not (tokenizer / "spiece.model").is_file():
+        raise DownloadError(
+            f"{args.scorer_tokenizer} has no spiece.model: give --scorer-tokenizer a folder holding one."
+        )
+    return tokenizer / "spiece.model"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 python scripts/make_tiny_weights.py weights/
 python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
 python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
+python scripts/make_tiny_weights.py /tmp/tiny --scorer clip   # plus a tiny Japanese CLIP in /tmp/tiny/japanese_clip
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 
 import torch
 
-from jsd.tiny import make_checkpoint
+from jsd.japanese_clip import SCORER_FOLDER
+from jsd.tiny import make_checkpoint, write_tiny_scorer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nsfw", choices=["never", "always"], default="never", help="safety checker flagging")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument(
+        "--scorer", choices=["clip", "cloob"], help="also write a tiny Japanese CLIP scorer (best-of-N) of this kind"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     dest = make_checkpoint(
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> None:
         nsfw=args.nsfw,
         torch_dtype=getattr(torch, args.dtype),
     )
+    if args.scorer:
+        spiece = args.tokenizer or dest / "tokenizer" / "spiece.model"
+        write_tiny_scorer(dest / SCORER_FOLDER, kind=args.scorer, seed=args.seed, tokenizer=spiece, size=args.size)
     print(f"wrote {args.size} checkpoint (seed {args.seed}) to {dest} in {time.perf_counter() - start:.1f} s")
 
 

@@ -306,3 +306,116 @@ def test_dockerignore_lets_in_only_what_the_image_serves():
     ]
     assert [p for p in sent if not _in_docker_context(p, dockerignore)] == []
     assert [p for p in kept_out if _in_docker_context(p, dockerignore)] == []
+
+
+# ---- --scorer: rinna's Japanese CLIP / CLOOB --------------------------------------------------------------------
+SCORER_REPO, TOKENIZER_REPO = "rinna/japanese-clip-vit-b-16", "rinna/japanese-roberta-base"
+
+
+@pytest.fixture(scope="module")
+def scorer_hub(tmp_path_factory) -> dict[str, Path]:
+    """The two hub repos --scorer reads: rinna's CLIP (config.json + pickle) and japanese-roberta-base's tokenizer."""
+    from jsd.tiny import write_tiny_scorer
+
+    root = tmp_path_factory.mktemp("scorer-hub")
+    clip = write_tiny_scorer(root / "clip", kind="clip", seed=3, layout="hub")
+    roberta = Path(shutil.move(clip / "tokenizer", root / "roberta"))
+    (roberta / "pytorch_model.bin").write_bytes(b"the RoBERTa model, not needed")
+    (clip / "README.md").write_text("# Japanese CLIP")
+    return {SCORER_REPO: clip, TOKENIZER_REPO: roberta}
+
+
+@pytest.fixture
+def fake_scorer_hub(monkeypatch, tmp_path, scorer_hub):
+    hubs = {repo: FakeHub(folder, tmp_path / "cache" / repo) for repo, folder in scorer_hub.items()}
+    downloads = []
+
+    def model_info(_api, repo_id, *, revision=None, token=None):  # patched onto HfApi: called as a method
+        return hubs[repo_id].model_info(repo_id, revision=revision, token=token)
+
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append({"repo_id": repo_id, **kwargs})
+        return hubs[repo_id].snapshot_download(repo_id, **kwargs)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", model_info)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    return downloads
+
+
+def test_scorer_download_converts_rinnas_pickle_to_safetensors_with_a_manifest(fake_scorer_hub, tmp_path, capsys):
+    import torch
+    from PIL import Image
+
+    from jsd.japanese_clip import SCORER_FOLDER, JapaneseCLIPScorer
+    from jsd.tiny import write_tiny_scorer
+
+    dest = tmp_path / "weights"
+    assert download_weights.main(["--dest", str(dest), "--scorer", SCORER_REPO]) == 0
+    assert [(d["repo_id"], d["revision"], sorted(d["allow_patterns"])) for d in fake_scorer_hub] == [
+        (SCORER_REPO, SHA, ["config.json", "pytorch_model.bin"]),
+        (TOKENIZER_REPO, SHA, ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]),
+    ]
+    folder = dest / SCORER_FOLDER
+    manifest = verify_manifest(folder)
+    assert (manifest["source"], manifest["revision"]) == (SCORER_REPO, SHA)
+    assert sorted(manifest["files"]) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/spiece.model",
+        "tokenizer/tokenizer_config.json",
+    ]
+    assert f"wrote {folder}: {SCORER_REPO}@{SHA}" in capsys.readouterr().out
+    # The converted (fp16) scorer computes the features of the same weights loaded in fp32.
+    reference = write_tiny_scorer(tmp_path / "reference", kind="clip", seed=3)
+    image = [Image.new("RGB", (240, 200), (200, 30, 60))]
+    converted = JapaneseCLIPScorer.from_pretrained(folder)
+    torch.testing.assert_close(
+        converted.image_features(image),
+        JapaneseCLIPScorer.from_pretrained(reference).image_features(image),
+        atol=2e-3,
+        rtol=0,
+    )
+    assert download_weights.main(["--dest", str(dest), "--scorer", SCORER_REPO]) == 0  # rerun: no network
+    assert len(fake_scorer_hub) == 2 and "already complete and verified" in capsys.readouterr().out
+
+
+def test_scorer_from_a_local_folder_and_a_bad_one(scorer_hub, tmp_path, capsys):
+    from jsd.japanese_clip import SCORER_FOLDER
+
+    local = Path(shutil.copytree(scorer_hub[SCORER_REPO], tmp_path / "clip"))
+    shutil.copytree(scorer_hub[TOKENIZER_REPO], local / "tokenizer")
+    assert download_weights.main(["--dest", str(tmp_path / "w"), "--scorer", str(local)]) == 0
+    verify_manifest(tmp_path / "w" / SCORER_FOLDER)
+
+    config = json.loads((local / "config.json").read_text())
+    config["projection_dim"] = 7
+    (local / "config.json").write_text(json.dumps(config))
+    assert download_weights.main(["--dest", str(tmp_path / "bad"), "--scorer", str(local)]) == 1
+    assert "pytorch_model.bin does not fit config.json" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / SCORER_FOLDER).exists()
+
+
+def test_replacing_the_weights_keeps_the_scorer_beside_them(hub_files, tiny_scorer, tmp_path):
+    from jsd.japanese_clip import SCORER_FOLDER
+
+    dest = tmp_path / "weights"
+    assert download_weights.main(["--source", str(hub_files), "--dest", str(dest)]) == 0
+    shutil.copytree(tiny_scorer, dest / SCORER_FOLDER)
+    verify_manifest(dest)  # the main manifest neither lists nor refuses the scorer's files
+    assert download_weights.main(["--source", str(hub_files), "--dest", str(dest), "--force"]) == 0
+    assert not any(name.startswith(SCORER_FOLDER) for name in verify_manifest(dest)["files"])
+    assert verify_manifest(dest / SCORER_FOLDER)["source"].startswith("jsd.tiny scorer=clip")
+
+
+def test_scorer_tokenizer_from_a_local_folder(scorer_hub, tmp_path, capsys):
+    from jsd.japanese_clip import SCORER_FOLDER, JapaneseCLIPScorer
+
+    dest = tmp_path / "w"
+    argv = ["--dest", str(dest), "--scorer", str(scorer_hub[SCORER_REPO])]
+    assert download_weights.main([*argv, "--scorer-tokenizer", str(tmp_path / "none")]) == 1
+    assert f"--scorer-tokenizer '{tmp_path / 'none'}' holds no spiece.model" in capsys.readouterr().err
+    assert download_weights.main([*argv, "--scorer-tokenizer", str(scorer_hub[TOKENIZER_REPO])]) == 0
+    tokenizer = JapaneseCLIPScorer.from_pretrained(dest / SCORER_FOLDER).tokenizer
+    assert Path(tokenizer.vocab_file).read_bytes() == (scorer_hub[TOKENIZER_REPO] / "spiece.model").read_bytes()
