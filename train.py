@@ -62,6 +62,19 @@ def train(
         default=512,
     ),
     train_batch_size: int = Input(description="Images per step.", ge=1, le=16, default=2),
+    min_clip_score: float | None = Input(
+        description="Drop image-caption pairs whose Japanese CLIP score (0-100) is below this before training, as "
+        "rinna cleaned their data; every dropped pair is listed with its score in training.json. Empty: keep all.",
+        ge=0,
+        le=100,
+        default=None,
+    ),
+    validation_prompts: str = Input(
+        description="Prompts, one per line, generated at the end of the training (prompt i at seed + i); the images "
+        "go into the output .tar (validation/) and their Japanese CLIP scores into training.json.",
+        max_length=4000,
+        default="",
+    ),
     seed: int | None = Input(
         description="Seed of the run (data order, noise): the same seed, data and settings train the same LoRA. "
         "Leave empty for a random one.",
@@ -83,6 +96,8 @@ def train(
         resolution=resolution,
         train_batch_size=train_batch_size,
         seed=secrets.randbits(31) if seed is None else seed,
+        min_clip_score=min_clip_score,
+        validation_prompts=[line.strip() for line in validation_prompts.splitlines() if line.strip()],
     )
     logger.info("Seed %d", settings.seed)
     tar = output_dir / "jsd-lora.tar"

@@ -19,7 +19,11 @@ Offline. It writes full-size SD v1 / JSD-shaped weights (random, seeded, fp16 sa
 5. a real CUDA out-of-memory error: the prediction fails clearly, the next one succeeds, memory is back;
 6. ``JSD_TORCH_COMPILE=1``: compile time, first call, steady-state speed-up, images against eager;
 7. training smoke: 10 stage-2 steps at 256 px, fp16, gradient checkpointing (scripts/train.py); the
-   exported weights serve.
+   exported weights serve;
+8. Japanese CLIP: the default held-out prompts (jsd/data/eval_prompts_ja.txt) generated and scored as
+   ``python -m jsd evaluate`` does, when a scorer is present (``--scorer``, else ``$JSD_WEIGHTS/japanese_clip``,
+   else ``weights/japanese_clip``); without one the step says so in a line and passes. The dry run writes
+   a tiny scorer.
 
 A failing step is reported and the others still run; the exit status is non-zero if any step failed.
 The report (JSON, and a Markdown summary that is also printed) goes to ``benchmarks/results/`` under a
@@ -82,6 +86,8 @@ class Plan:
     budget_requests: tuple[tuple[str, int, int], ...]  # (mode, side, num_outputs), 2 steps each
     train_resolution: int
     train_precision: str
+    clip_prompts: int | None  # how many of the held-out prompts step 8 scores (None: all 50)
+    clip_steps: int  # denoising steps of its images
     budgets: dict[str, float]
     compile_kwargs: dict | None = None  # None: jsd.optimize's own (the production setting)
 
@@ -94,15 +100,18 @@ GPU_PLAN = Plan(
     budget_requests=(("txt2img", 768, 4), ("txt2img", 1024, 2), ("img2img", 768, 4), ("inpaint", 768, 4)),
     train_resolution=256,
     train_precision="fp16",
+    clip_prompts=None,
+    clip_steps=10,  # 50 images at 512²: the scores are of random weights anyway; the path and the time count
     budgets={
-        "weights": 45,
+        "weights": 40,
         "pytest-gpu": 50,
-        "production": 50,
-        "speed": 75,
+        "production": 45,
+        "speed": 70,
         "pixel-budget": 35,
         "oom": 15,
-        "compile": 120,
-        "training": 80,
+        "compile": 110,
+        "training": 75,
+        "clip-score": 30,
     },
 )
 # CPU: tiny shapes and sides a quarter of the GPU's (never below serving.MIN_SIDE), few steps. No
@@ -116,6 +125,8 @@ DRY_RUN_PLAN = Plan(
     budget_requests=(("txt2img", 192, 4), ("txt2img", 256, 2), ("img2img", 192, 4), ("inpaint", 192, 4)),
     train_resolution=64,
     train_precision="no",
+    clip_prompts=8,
+    clip_steps=2,
     # what a busy 2-core CI host takes (four Python processes start: each imports torch and diffusers)
     budgets={
         "weights": 10,
@@ -126,6 +137,7 @@ DRY_RUN_PLAN = Plan(
         "oom": 5,
         "compile": 20,
         "training": 30,
+        "clip-score": 20,
     },
     compile_kwargs={"backend": "eager", "fullgraph": True},
 )
@@ -1102,6 +1114,86 @@ def serve_exported(ctx: Context, result: StepResult, output: Path) -> None:
         free_memory()
 
 
+# ---- step 8: Japanese CLIP scores of the held-out prompts ------------------------------------------------
+
+
+def step_clip_score(ctx: Context, result: StepResult) -> None:
+    """The held-out prompts generated at fixed seeds and scored (jsd.evaluation), when a scorer is present."""
+    import torch
+
+    from jsd import evaluation, serving
+    from jsd.clip_filter import load_scorer
+
+    folder = find_scorer(ctx)
+    if folder is None:
+        line = "no Japanese CLIP scorer (--scorer, $JSD_WEIGHTS/japanese_clip, weights/japanese_clip): skipped"
+        print(line, flush=True)
+        result.notes.append(line)
+        result.check("held-out prompts scored", None, line)
+        return
+    scorer = load_scorer(folder, name="--scorer", device=ctx.device)
+    prompts = evaluation.read_prompts()[: ctx.plan.clip_prompts]
+    side = ctx.plan.side
+    settings = evaluation.EvalSettings(num_inference_steps=ctx.plan.clip_steps, width=side, height=side)
+    arm = evaluation.Arm("random weights", serving.ImageGenerator(ctx.pipeline()))
+    start = time.perf_counter()
+    rows = evaluation.evaluate_arm(arm, scorer, prompts, settings)
+    synchronize()
+    total = time.perf_counter() - start
+    images = [_png_image(row.png) for row in rows]
+    start = time.perf_counter()
+    again = scorer.score(images, prompts).tolist()
+    synchronize()
+    scoring = time.perf_counter() - start
+    interval = evaluation.t_interval([r.clip_score for r in rows])
+    result.figures |= {
+        "scorer": str(folder),
+        "prompts": len(rows),
+        "setting": f"{side}², {ctx.plan.clip_steps} steps, seeds 0..{len(rows) - 1}, one image per prompt",
+        "generate_and_score_s": round(total, 2),
+        "images_scored_per_s": round(len(images) / scoring, 1),
+        "mean_clip_score": round(interval.mean, 3),
+        "ci95": [round(interval.low, 3), round(interval.high, 3)],
+    }
+    scores = [r.clip_score for r in rows]
+    result.check("every held-out prompt scored", len(rows) == len(prompts), f"{len(rows)} of {len(prompts)}")
+    result.check(
+        "scores within 0..100", all(0.0 <= s <= 100.0 for s in scores), f"{min(scores):.2f}..{max(scores):.2f}"
+    )
+    worst = max(abs(a - b) for a, b in zip(again, scores, strict=True))
+    result.check("scoring again gives the same scores", worst <= 1e-2, f"max |diff| {worst:.1e}")
+    dtype = getattr(scorer, "dtype", None)
+    if ctx.cuda:
+        result.check("scorer in fp16 on CUDA", dtype == torch.float16, f"dtype {dtype}")
+    else:
+        result.check("scorer in fp16 on CUDA", None, f"n/a on CPU (dtype {dtype})")
+    result.notes.append("the images are of random weights: the scores show the path works and its cost, not quality")
+
+
+def find_scorer(ctx: Context) -> Path | None:
+    """`--scorer`, else `$JSD_WEIGHTS/japanese_clip`, else `weights/japanese_clip`; the dry run writes a tiny one."""
+    from jsd.japanese_clip import SCORER_FOLDER
+
+    if ctx.args.scorer is not None:
+        return ctx.args.scorer
+    candidates = [Path(os.environ["JSD_WEIGHTS"]) / SCORER_FOLDER] if os.environ.get("JSD_WEIGHTS") else []
+    candidates.append(REPO / "weights" / SCORER_FOLDER)
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None and ctx.args.dry_run:
+        from bench_common import default_tokenizer_model
+
+        from jsd.tiny import write_tiny_scorer
+
+        found = write_tiny_scorer(ctx.workdir / SCORER_FOLDER, tokenizer=default_tokenizer_model())
+    return found
+
+
+def _png_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
 # ---- the report --------------------------------------------------------------------------------------
 
 
@@ -1114,6 +1206,7 @@ STEPS = [
     Step("oom", "real CUDA out of memory, then recovery", step_oom),
     Step("compile", "torch.compile (JSD_TORCH_COMPILE=1) against eager", step_compile),
     Step("training", "training smoke: 10 stage-2 steps, fp16, gradient checkpointing", step_training),
+    Step("clip-score", "Japanese CLIP: the held-out prompts generated and scored", step_clip_score),
 ]
 
 
@@ -1204,6 +1297,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", nargs="+", choices=names[1:], help="run only these steps (after the set-up)")
     parser.add_argument("--fail-step", choices=names, help="make this step raise (checks the failure reporting)")
+    parser.add_argument(
+        "--scorer", type=Path, help="Japanese CLIP folder for the clip-score step (default: $JSD_WEIGHTS/japanese_clip)"
+    )
     parser.add_argument("--child-setup", metavar="FOLDER", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -4,6 +4,8 @@
 .venv/bin/python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
 .venv/bin/python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
 .venv/bin/python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
+.venv/bin/python -m jsd filter-data data/images --min_clip_score 20                # Japanese CLIP data filter
+.venv/bin/python -m jsd evaluate --weights out/stage2 --compare weights            # fine-tune vs base, CLIP score
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
     _add_tokenize_parser(commands)
+    _add_filter_parser(commands)
+    _add_evaluate_parser(commands)
     return parser
 
 
@@ -74,6 +78,201 @@ def _add_tokenize_parser(commands) -> None:
     )
     tok.add_argument("--max_prompt_chunks", "--max-prompt-chunks", type=int, default=3, help="chunks of 77 ids kept")
     tok.set_defaults(func=cmd_tokenize)
+
+
+def _add_filter_parser(commands) -> None:
+    from jsd.clip_filter import DEFAULT_BATCH_SIZE
+
+    flt = commands.add_parser(
+        "filter-data",
+        help="score image-caption pairs with a Japanese CLIP; list those below --min_clip_score (rinna's recipe)",
+    )
+    flt.add_argument("data_dir", type=Path, help="image folder with metadata.jsonl, captions.csv or .txt captions")
+    flt.add_argument("--min_clip_score", type=float, required=True, help="threshold 0-100: pairs below it are dropped")
+    flt.add_argument(
+        "--output_dir", type=Path, help="kept/dropped lists, report, histogram (default: DATA_DIR-clip-filter)"
+    )
+    flt.add_argument("--cache_dir", type=Path, help="score cache, reused by reruns (default: OUTPUT_DIR/cache)")
+    _add_scorer_arguments(flt)
+    flt.add_argument("--caption_column", default="text", help="the caption's key in metadata.jsonl (default: text)")
+    flt.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="pairs scored at once")
+    flt.set_defaults(func=cmd_filter_data)
+
+
+def _add_scorer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scorer", type=Path, help="Japanese CLIP folder (default: WEIGHTS/japanese_clip, WEIGHTS = --weights)"
+    )
+    parser.add_argument(
+        "--weights", default=DEFAULT_WEIGHTS, help="checkpoint folder (default: $JSD_WEIGHTS or weights/)"
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def _add_evaluate_parser(commands) -> None:
+    ev = commands.add_parser(
+        "evaluate", help="one image per held-out prompt at fixed seeds; mean Japanese CLIP score with a 95%% CI"
+    )
+    _add_scorer_arguments(ev)
+    ev.add_argument("--lora_weights", "--lora-weights", help="a LoRA for --weights: .tar, .safetensors, URL")
+    ev.add_argument("--lora_scale", "--lora-scale", type=float, default=1.0, help="LoRA strength, 0-2")
+    ev.add_argument(
+        "--compare",
+        help="B side: another checkpoint folder (model_index.json), or another LoRA on --weights; "
+        "give --weights itself to compare a LoRA with its base model",
+    )
+    ev.add_argument("--prompts", type=Path, help="UTF-8 file, one prompt per line (default: jsd's 50 held-out prompts)")
+    ev.add_argument("--output_dir", type=Path, default=Path("evaluation"), help="report, images, contact sheet")
+    ev.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed SEED + i (default: 0)")
+    ev.add_argument("--steps", "--num_inference_steps", dest="num_inference_steps", type=int, default=25)
+    ev.add_argument("--guidance_scale", "--guidance-scale", type=float, default=7.5)
+    ev.add_argument("--width", type=int, default=512)
+    ev.add_argument("--height", type=int, default=512)
+    ev.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"one of {', '.join(SCHEDULERS)}")
+    ev.add_argument("--negative_prompt", "--negative-prompt", default="")
+    ev.add_argument("--font", type=Path, help="a font file that draws Japanese, for the contact sheet's prompts")
+    ev.set_defaults(func=cmd_evaluate)
+
+
+def _process_state(device: str | None):
+    """accelerate's view of the processes (one, or those ``accelerate launch`` started) on ``device``."""
+    import torch
+    from accelerate import PartialState
+
+    # CPU processes need cpu=True, or accelerate looks for GPUs (docs: design.md, accelerate on CPU)
+    return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def _scorer_folder(args: argparse.Namespace) -> tuple[Path, str]:
+    from jsd.japanese_clip import SCORER_FOLDER
+
+    if args.scorer is not None:
+        return args.scorer, "--scorer"
+    return Path(args.weights) / SCORER_FOLDER, f"--weights {args.weights}: its {SCORER_FOLDER}/"
+
+
+def cmd_filter_data(args: argparse.Namespace) -> None:
+    """Score every pair of DATA_DIR (cached, sharded over processes) and write the kept/dropped lists."""
+    from jsd import clip_filter
+
+    try:
+        threshold = clip_filter.check_threshold(args.min_clip_score)
+        if args.batch_size < 1:
+            raise clip_filter.FilterError(f"`--batch_size`={args.batch_size} must be a positive integer.")
+        clip_filter.list_pairs(args.data_dir, caption_column=args.caption_column)  # no captions: fail before loading
+        output_dir = args.output_dir or args.data_dir.with_name(f"{args.data_dir.name}-clip-filter")
+        folder, name = _scorer_folder(args)
+        state = _process_state(args.device)
+        scorer = clip_filter.load_scorer(folder, name=name, device=args.device or state.device)
+        result = clip_filter.filter_folder(
+            args.data_dir,
+            scorer,
+            threshold,
+            cache_dir=args.cache_dir or output_dir / clip_filter.CACHE_FOLDER,
+            scorer_id=clip_filter.scorer_fingerprint(folder),
+            caption_column=args.caption_column,
+            state=state,
+            batch_size=args.batch_size,
+        )
+    except clip_filter.FilterError as err:
+        raise CLIError(str(err)) from None
+    if state.is_main_process:
+        extra = {"data_dir": str(args.data_dir), "scorer": str(folder)}
+        paths = clip_filter.write_outputs(result, output_dir, extra=extra)
+        summary = result.summary()
+        print(
+            f"{summary['kept']} kept, {summary['dropped']} dropped (score < {threshold:g}), "
+            f"{summary['unscorable']} unscorable; {result.scored_now} scored now, {result.from_cache} from the cache"
+        )
+        for path in paths.values():
+            print(f"wrote {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Generate one image per prompt (per side), score them, and write the report and the contact sheet."""
+    from jsd import clip_filter, evaluation, serving
+    from jsd.drawing import japanese_font
+
+    settings = evaluation.EvalSettings(
+        seed=args.seed,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+    )
+    try:  # 1. every input checked before anything is loaded
+        prompts = evaluation.read_prompts(args.prompts)
+        source = f"`--prompts` {args.prompts}" if args.prompts else f"jsd's {evaluation.DEFAULT_PROMPTS}"
+        evaluation.check_requests(prompts, settings, source=source)
+        serving.GenerationRequest(lora_scale=args.lora_scale).validate()
+        font = japanese_font(14, args.font)
+        sides = [(_checkpoint_folder(args.weights, "--weights"), args.lora_weights, "--lora_weights")]
+        if args.compare is not None:
+            sides.append(_compare_side(args.compare, sides[0][0]))
+        for _, lora, flag in sides:  # fetched and checked now: a bad LoRA costs no generation
+            _check_lora(lora, flag)
+        scorer_folder, scorer_flag = _scorer_folder(args)
+        # 2. the scorer, then each side: generate this process's share of the prompts, score, gather
+        state = _process_state(args.device)
+        device = args.device or state.device
+        scorer = clip_filter.load_scorer(scorer_folder, name=scorer_flag, device=device)
+        arms, generator, loaded = [], None, None
+        for weights, lora, flag in sides:
+            if weights != loaded:  # another checkpoint: the previous one is released first
+                generator = None
+                generator = serving.ImageGenerator(serving.load_pipeline(weights, device=device))
+                generator.pipeline.set_progress_bar_config(disable=True)
+                loaded = weights
+            generator.set_default_lora(lora, name=flag)  # fetched and test-loaded now: a bad LoRA fails here
+            arm = evaluation.Arm(_label(weights, lora, args.lora_scale), generator, lora_scale=args.lora_scale)
+            rows = evaluation.evaluate_arm(arm, scorer, prompts, settings, state=state)
+            arms.append(evaluation.ArmResult(arm.label, rows))
+    except (evaluation.EvaluationError, clip_filter.FilterError, serving.InputError) as err:
+        raise CLIError(str(err)) from None
+    except ValueError as err:  # --font
+        raise CLIError(str(err)) from None
+    # 3. the report, from the main process
+    if state.is_main_process:
+        report = evaluation.Evaluation(settings, arms)
+        paths = evaluation.write_report(report, args.output_dir, font=font)
+        print(report.table())
+        if not font.japanese:
+            print("No Japanese font found (fc-list :lang=ja): the contact sheet numbers the prompts (see report.md).")
+        for path in paths.values():
+            print(f"wrote {path}")
+
+
+def _checkpoint_folder(value: str | Path, flag: str) -> Path:
+    folder = Path(value)
+    if not (folder / "model_index.json").is_file():
+        raise CLIError(
+            f"`{flag}` {folder}: not a checkpoint folder (no model_index.json); run make demo or "
+            "scripts/download_weights.py."
+        )
+    return folder
+
+
+def _compare_side(value: str, weights: Path) -> tuple[Path, str | None, str]:
+    """``--compare``: a checkpoint folder (its base model), else a LoRA on ``--weights``."""
+    if Path(value).is_dir():
+        return _checkpoint_folder(value, "--compare"), None, "--compare"
+    return weights, value, "--compare"
+
+
+def _check_lora(value: str | None, flag: str) -> None:
+    from jsd import lora_weights as lora
+
+    if value:
+        try:
+            lora.LoraCache().resolve(value, name=flag)
+        except lora.LoraError as err:
+            raise CLIError(str(err)) from None
+
+
+def _label(weights: Path, lora: str | None, scale: float) -> str:
+    return f"{weights} + LoRA {lora} (scale {scale:g})" if lora else str(weights)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:

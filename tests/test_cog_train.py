@@ -198,13 +198,17 @@ def test_the_trainer_schema_has_training_input_and_validates_it(trainer):
 
     status, body = trainer.train({"input_images": data_uri(b"x"), "lora_rank": 0})
     assert status == 422 and any(d["loc"][-1] == "lora_rank" for d in body["detail"]), body
+    assert (properties["min_clip_score"]["minimum"], properties["min_clip_score"]["maximum"]) == (0, 100)
+    status, body = trainer.train({"input_images": data_uri(b"x"), "min_clip_score": 120})
+    assert status == 422 and any(d["loc"][-1] == "min_clip_score" for d in body["detail"]), body
     assert_ready(trainer)
 
 
 def test_a_training_over_http_returns_a_tar_with_both_lora_files_and_the_settings(trained):
     assert sorted(trained["names"]) == sorted([LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, TRAINING_INFO_NAME])
     info = json.loads((trained["folder"] / TRAINING_INFO_NAME).read_text(encoding="utf-8"))
-    assert info["settings"] == TRAIN
+    assert info["settings"] == TRAIN | {"min_clip_score": None, "validation_prompts": []}  # the defaults
+    assert "clip_filter" not in info and "validation" not in info
     assert info["data"]["images_used"] == 4 and info["data"]["captions_used"] == 4
     assert info["data"]["caption_source"] == "txt" and info["steps"] == 4
     assert info["base_model"]["revision"] == "tiny-seed0"

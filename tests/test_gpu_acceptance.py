@@ -17,7 +17,7 @@ import pytest
 from repofiles import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
-STEPS = ["weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training"]
+STEPS = ["weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training", "clip-score"]
 # Claims only a GPU can measure: the dry run must say so, never fake them.
 GPU_ONLY = {
     ("pytest-gpu", "gpu tests ran"),  # they skip without CUDA
@@ -28,6 +28,7 @@ GPU_ONLY = {
     ("speed", "jsd / diffusers ratio <= 1.03"),  # a timing target: judged on a GPU only
     ("pixel-budget", "peaks within 15 GiB"),
     ("oom", "memory back to where it was"),
+    ("clip-score", "scorer in fp16 on CUDA"),
 }
 
 
@@ -102,6 +103,10 @@ def test_the_dry_run_report_holds_each_steps_figures(dry_run):
     assert "out of memory" in figures["oom"]["error"]
     assert figures["compile"]["mean_abs_diff"] <= acceptance.COMPILE_TOLERANCE
     assert figures["training"]["exit_status"] == 0 and figures["training"]["last_loss"] is not None
+    clip = figures["clip-score"]
+    assert clip["prompts"] == acceptance.DRY_RUN_PLAN.clip_prompts == 8  # of the shipped held-out prompts
+    assert clip["scorer"].endswith("japanese_clip") and clip["images_scored_per_s"] > 0
+    assert clip["ci95"][0] <= clip["mean_clip_score"] <= clip["ci95"][1]
 
 
 def test_without_cuda_it_refuses_in_one_line(tmp_path):
@@ -196,3 +201,22 @@ def test_the_pixel_budget_is_kept_when_proven_and_lowered_when_not():
     assert lowered["recommended_max_pixels"] % 4096 == 0
     # the recommendation, at the measured bytes per pixel, fits the 15 GiB
     assert 3 * gib + lowered["recommended_max_pixels"] * lowered["bytes_per_pixel"] <= 15 * gib + 4096 * 8
+
+
+def test_the_clip_score_step_skips_in_one_line_without_a_scorer(tmp_path, monkeypatch, capsys):
+    """On a GPU host with no scorer in sight the step passes with a line saying it was skipped."""
+    import argparse
+
+    monkeypatch.delenv("JSD_WEIGHTS", raising=False)
+    monkeypatch.setattr(acceptance, "REPO", tmp_path)  # no weights/japanese_clip there
+    args = argparse.Namespace(scorer=None, dry_run=False, workdir=tmp_path)
+    ctx = acceptance.Context.__new__(acceptance.Context)
+    ctx.args, ctx.workdir = args, tmp_path
+    result = acceptance.StepResult("clip-score", "clip", 30)
+    acceptance.step_clip_score(ctx, result)
+    assert "no Japanese CLIP scorer" in capsys.readouterr().out
+    assert [(c.name, c.result) for c in result.checks] == [("held-out prompts scored", "n/a")]
+    assert result.notes and result.error is None and not result.figures
+    monkeypatch.setenv("JSD_WEIGHTS", str(tmp_path))
+    (tmp_path / "japanese_clip").mkdir()
+    assert acceptance.find_scorer(ctx) == tmp_path / "japanese_clip"  # $JSD_WEIGHTS/japanese_clip is found

@@ -10,7 +10,9 @@
 * :mod:`jsd.training.trainer` — the accelerate loop and the export to the served layout;
 * :mod:`jsd.training.lora_run` — one LoRA training from a user's archive to a .tar (the Cog trainer,
   ``train.py``; above the trainer: it calls it);
-* :mod:`jsd.training.archive` — a user's .zip/.tar unpacked safely, with captions, into an image folder.
+* :mod:`jsd.training.archive` — a user's .zip/.tar unpacked safely, with captions, into an image folder;
+* :mod:`jsd.training.clip_score` — the Japanese CLIP data filter (``--min_clip_score``) and validation images
+  with their scores (``--validation_prompts``).
 """
 
 from jsd.training.config import TRAINED_MODULES, TrainConfig, parse_config

@@ -320,10 +320,15 @@ def _top_folder(dest: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- captions
-def read_captions(root: Path, images: list[str], *, label: str) -> tuple[str, dict[str, str], dict[str, str]]:
-    """``(source, {image: caption}, {skipped entry: reason})`` from the first caption source present."""
+def read_captions(
+    root: Path, images: list[str], *, label: str, caption_column: str = "text"
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """``(source, {image: caption}, {skipped entry: reason})`` from the first caption source present.
+
+    ``caption_column``: the caption's key in ``metadata.jsonl`` (the trainer's ``--caption_column``).
+    """
     if (root / METADATA_FILE).is_file():
-        return METADATA_FILE, *_metadata_captions(root / METADATA_FILE, label=label)
+        return METADATA_FILE, *_metadata_captions(root / METADATA_FILE, label=label, caption_column=caption_column)
     if (root / CAPTIONS_CSV).is_file():
         return CAPTIONS_CSV, *_csv_captions(root / CAPTIONS_CSV, label=label)
     captions = {}
@@ -340,7 +345,9 @@ def read_captions(root: Path, images: list[str], *, label: str) -> tuple[str, di
     return "txt", captions, {}
 
 
-def _metadata_captions(path: Path, *, label: str) -> tuple[dict[str, str], dict[str, str]]:
+def _metadata_captions(
+    path: Path, *, label: str, caption_column: str = "text"
+) -> tuple[dict[str, str], dict[str, str]]:
     captions, skipped = {}, {}
     lines = _read_text(path, label=label).splitlines()
     for number, line in enumerate(lines, 1):
@@ -348,12 +355,12 @@ def _metadata_captions(path: Path, *, label: str) -> tuple[dict[str, str], dict[
             continue
         try:
             entry = json.loads(line)
-            file_name, text = entry["file_name"], entry["text"]
+            file_name, text = entry["file_name"], entry[caption_column]
         except (ValueError, KeyError, TypeError):
-            skipped[f"{METADATA_FILE} line {number}"] = "not a JSON object with file_name and text"
+            skipped[f"{METADATA_FILE} line {number}"] = f"not a JSON object with file_name and {caption_column}"
             continue
         if not isinstance(file_name, str) or not isinstance(text, str):
-            skipped[f"{METADATA_FILE} line {number}"] = "file_name and text must be strings"
+            skipped[f"{METADATA_FILE} line {number}"] = f"file_name and {caption_column} must be strings"
             continue
         captions[_normal(file_name)] = text.strip()
     return captions, skipped

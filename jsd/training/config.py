@@ -68,6 +68,26 @@ class TrainConfig:
     random_flip: bool = opt(False, "Flip images horizontally at random (deterministic per seed, epoch and image).")
     caption_dropout: float = opt(0.1, "Probability of replacing a caption by '' (trains the unconditional branch).")
     dataloader_num_workers: int = opt(0, "Processes that read and decode images (0: the training process).")
+    # --- Japanese CLIP (jsd.clip_filter, jsd.training.clip_score): the data filter and validation scores
+    min_clip_score: float | None = opt(
+        None,
+        "Drop the pairs of --train_data_dir whose Japanese CLIP score is below this (0-100) before training, as "
+        "rinna cleaned their data; the kept and dropped lists go to PROJECT_DIR/clip_filter/.",
+        type=float,
+    )
+    scorer_path: str | None = opt(
+        None,
+        "Japanese CLIP folder for --min_clip_score and validation scores. Default: the checkpoint's japanese_clip/.",
+    )
+    validation_prompts: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompts generated every --validation_steps steps and at the end (prompt i at seed --seed + i); "
+            "images and Japanese CLIP scores go to the tracker and PROJECT_DIR/validation/.",
+            "nargs": "+",
+        },
+    )
+    validation_steps: int = opt(100, "Run the --validation_prompts every N steps (and at the last step).")
     # --- optimisation
     train_batch_size: int = opt(16, "Images per process per forward pass.")
     gradient_accumulation_steps: int = opt(1, "Forward passes per optimizer step.")
@@ -135,7 +155,17 @@ class TrainConfig:
             )
         if self.train_shards and self.max_train_steps is None:
             raise ValueError("`--max_train_steps` is required with `--train_shards`: a stream has no epoch length.")
-        for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if self.min_clip_score is not None:
+            from jsd.clip_filter import check_threshold
+
+            check_threshold(self.min_clip_score)  # FilterError is a ValueError naming `--min_clip_score`
+            if not self.train_data_dir:
+                raise ValueError(
+                    "`--min_clip_score` filters an image folder (`--train_data_dir`), not `--train_shards`: filter "
+                    "the images before packing the shards (python -m jsd filter-data lists the kept pairs)."
+                )
+        names = ("resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps")
+        for name in (*names, "validation_steps"):
             _require_positive(name, getattr(self, name))
         if self.resolution % 8:
             raise ValueError(f"`--resolution`={self.resolution} must be a multiple of 8 (the VAE downsamples by 8).")

@@ -14,6 +14,7 @@ Both sources are read as one deterministic, resumable stream per data-loading wo
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import random
@@ -119,6 +120,20 @@ class ImageFolderSource:
     @property
     def num_records(self) -> int:
         return len(self.lines)
+
+    def only(self, file_names: set[str], *, normalize: Callable[[str], str] = str) -> ImageFolderSource:
+        """A copy holding only the lines whose ``normalize(file_name)`` is in ``file_names`` (a data filter's)."""
+
+        def keep(line: str) -> bool:
+            try:
+                name = json.loads(line)["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return False
+            return isinstance(name, str) and normalize(name) in file_names
+
+        subset = copy.copy(self)
+        subset.lines = [line for line in self.lines if keep(line)]
+        return subset
 
     def records(self, shard: int, epoch: int, seed: int) -> Iterator[tuple[str, Fetch]]:
         for i in epoch_permutation(len(self.lines), seed=seed, epoch=epoch):

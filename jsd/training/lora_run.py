@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from jsd.clip_filter import check_threshold
+from jsd.japanese_clip import SCORER_FOLDER
 from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME
 from jsd.manifest import verify_manifest
 from jsd.training.archive import log_skipped, prepare_dataset
@@ -40,6 +42,8 @@ class LoraTrainingSettings:
     resolution: int = 512
     train_batch_size: int = 2
     seed: int = 0
+    min_clip_score: float | None = None  # drop pairs scored below it (the base model's japanese_clip/ scores)
+    validation_prompts: list[str] = dataclasses.field(default_factory=list)  # images + scores at the last step
 
 
 def train_lora_archive(
@@ -60,6 +64,7 @@ def train_lora_archive(
     """
     start = time.perf_counter()
     manifest = verify_manifest(base_model)
+    _check_scorer_for_filter(settings, Path(base_model))
     with tempfile.TemporaryDirectory(prefix="jsd-lora-") as tmp:
         work = Path(tmp)
         dataset = prepare_dataset(
@@ -90,6 +95,9 @@ def train_lora_archive(
             checkpointing_steps=max(settings.max_train_steps, 1),  # one checkpoint, at the end: a run is short
             mixed_precision="fp16" if torch.cuda.is_available() else "no",
             report_to="none",
+            min_clip_score=settings.min_clip_score,
+            validation_prompts=list(settings.validation_prompts),
+            validation_steps=max(settings.max_train_steps, 1),  # once, at the end
         ).validate()
         try:
             train(config)
@@ -101,6 +109,7 @@ def train_lora_archive(
             "base_model": {"source": manifest.get("source"), "revision": manifest.get("revision")},
             "data": dataset.to_json() | {"records_skipped_in_training": info["skipped"]},
             "steps": info["steps"],
+            **{key: info[key] for key in ("clip_filter", "validation") if key in info},
             "trainer": {k: v for k, v in info["settings"].items() if not k.endswith(("_dir", "_path"))},
             "wall_seconds": round(time.perf_counter() - start, 1),
         }
@@ -112,7 +121,22 @@ def train_lora_archive(
         with tarfile.open(output_tar, "w") as tar:
             for file in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, TRAINING_INFO_NAME):
                 tar.add(work / "lora" / file, arcname=file)
+            validation = work / "lora" / "validation"
+            for file in sorted(validation.glob("*.png")) if validation.is_dir() else ():
+                tar.add(file, arcname=f"validation/{file.name}")  # the last validation images
     return info
+
+
+def _check_scorer_for_filter(settings: LoraTrainingSettings, base_model: Path) -> None:
+    """``min_clip_score`` scores with the base model's ``japanese_clip/``: fail before any work without one."""
+    if settings.min_clip_score is None:
+        return
+    check_threshold(settings.min_clip_score, "min_clip_score")
+    if not (base_model / SCORER_FOLDER).is_dir():
+        raise ValueError(
+            f"`min_clip_score` needs a Japanese CLIP scorer in the model's weights ({SCORER_FOLDER}/), and this "
+            "model has none: leave `min_clip_score` empty, or use a version whose weights include the scorer."
+        )
 
 
 def reset_accelerate() -> None:

@@ -28,10 +28,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from jsd.convert import SERVED_DTYPE, ConversionError, _check_finite
-from jsd.loading import load_components, resolve_checkpoint
+from jsd.loading import load_components, load_scheduler, resolve_checkpoint
 from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
-from jsd.training import adapters, checkpointing
+from jsd.training import adapters, checkpointing, clip_score
 from jsd.training.config import TrainConfig
 from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
 from jsd.training.models import freeze_for_stage, load_training_components
@@ -52,6 +52,7 @@ RESUME_MUST_MATCH = (
     "mixed_precision",
     "lora_rank",
     "train_text_encoder",
+    "min_clip_score",
 )
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -104,6 +105,10 @@ def train(config: TrainConfig) -> Path:
     )
     with accelerator.main_process_first():
         source_folder = resolve_checkpoint(config.pretrained_model_name_or_path, revision=config.revision)
+    scorer, scorer_folder = clip_score.load_run_scorer(config, source_folder, accelerator.device)
+    data_filter = None
+    if config.min_clip_score is not None:  # rinna's recipe: low-scoring pairs never reach the trainer
+        source, data_filter = clip_score.filter_training_data(source, scorer, scorer_folder, config, accelerator)
     components = load_training_components(source_folder, config)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     if config.lora_rank is None:
@@ -158,7 +163,12 @@ def train(config: TrainConfig) -> Path:
         config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes,
     )
     loader = make_dataloader(stream, batch_size=config.train_batch_size, num_workers=config.dataloader_num_workers)
-    run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps)
+    validator = clip_score.Validator(
+        accelerator, config, components, load_scheduler(source_folder / "scheduler").config, scorer, emas
+    )
+    run_steps(
+        accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps, validator
+    )
 
     bad = report_bad_records(accelerator, state, "at the end")
     for name, ema in emas.items():
@@ -166,7 +176,13 @@ def train(config: TrainConfig) -> Path:
     final = full_modules(accelerator, trained)
     if accelerator.is_main_process and config.lora_rank is not None:
         info = {"settings": dataclasses.asdict(config), "steps": state.step, "skipped": bad.state_dict()}
+        if data_filter is not None:  # every dropped pair listed, with its score
+            info["clip_filter"] = data_filter.to_json()
+        if validator.last is not None:
+            info["validation"] = validator.last.to_json()
         adapters.export_lora(Path(config.output_dir), final, info)
+        if validator.last is not None:  # the last validation images beside training.json (the Cog .tar takes them)
+            validator.last.save(Path(config.output_dir) / clip_score.VALIDATION_FOLDER)
         logger.info("Saved the LoRA to %s", config.output_dir)
     elif accelerator.is_main_process:
         export_served(
@@ -307,8 +323,10 @@ def check_same_run(saved: dict[str, str], now: dict[str, str], checkpoint: Path)
         )
 
 
-def run_steps(accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps):
-    """Optimizer steps until ``max_steps``: loss, backward, clip, step, EMA, log, checkpoint."""
+def run_steps(
+    accelerator, config, components, trained, emas, optimizer, lr_scheduler, loader, state, max_steps, validator=None
+):
+    """Optimizer steps until ``max_steps``: loss, backward, clip, step, EMA, log, checkpoint, validation."""
     params = trainable_parameters(trained)
     progress = tqdm(total=max_steps, initial=state.step, desc="Steps", disable=not accelerator.is_local_main_process)
     batches = iter(loader)
@@ -338,6 +356,8 @@ def run_steps(accelerator, config, components, trained, emas, optimizer, lr_sche
         step_loss = 0.0
         if state.step % config.checkpointing_steps == 0 or state.step == max_steps:
             save(accelerator, config, state)
+        if validator is not None and validator.due(state.step, max_steps):
+            validator.run(state.step)
     progress.close()
 
 
