@@ -22,10 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from bench_common import default_tokenizer_model, device_label, median  # benchmarks/ is on sys.path
-from PIL import Image
+try:
+    import numpy as np
+    import torch
+    from bench_common import default_tokenizer_model, device_label, median  # benchmarks/ is on sys.path
+    from PIL import Image
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 PROMPT = "夕焼けの海を走る赤い帽子の猫 油絵"
 

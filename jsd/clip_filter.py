@@ -3,10 +3,10 @@
 rinna cleaned Japanese Stable Diffusion's training data this way (pairs scored below a threshold by
 their Japanese CLOOB were removed). Here::
 
-    python -m jsd filter-data data/images --min_clip_score 20                       # one process
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+    .venv/bin/python -m jsd filter-data data/images --min_clip_score 20             # one process
+    .venv/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no -m jsd filter-data data/images --min_clip_score 20       # two (CPU or GPUs)
-    python scripts/train.py … --train_data_dir data/images --min_clip_score 20       # before training
+    .venv/bin/python scripts/train.py … --train_data_dir data/images --min_clip_score 20   # before training
 
 What it guarantees:
 

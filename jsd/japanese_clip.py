@@ -51,7 +51,7 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys of transformers 4.x persistent buffers found in rinna's checkpoint; today's towers rebuild them.
 _BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
-_DOWNLOAD_HINT = "python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16"
+_DOWNLOAD_HINT = ".venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16"
 
 
 class ScorerError(ValueError):
@@ -236,7 +236,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         hint = (
             f"it holds rinna's pickled {HUB_WEIGHTS_FILE}: convert it with "
-            f"`python scripts/download_weights.py --scorer {path.parent}`"
+            f"`.venv/bin/python scripts/download_weights.py --scorer {path.parent}`"
             if (path.parent / HUB_WEIGHTS_FILE).is_file()
             else _DOWNLOAD_HINT
         )

@@ -23,7 +23,12 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
+try:
+    import numpy as np
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "japanese_clip"
 SEEDS = {"clip": 0, "cloob": 1}  # different weights, so the two parity checks are not one
