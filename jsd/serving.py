@@ -320,7 +320,7 @@ class ImageGenerator:
             raise InputError(
                 f"`num_candidates` is {request.num_candidates}, but this model has no Japanese CLIP scorer to rank "
                 f"candidates with ({SCORER_FOLDER}/ is missing from its weights folder): use `num_candidates` 1, or "
-                "add a scorer with `.venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16`."
+                "add one with `.venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16`."
             )
         logger.info("Generating %d image(s) with seeds %s", request.num_outputs, checked.seeds)
         # The pipeline tokenizes the prompt again in encode_prompt; within MAX_PROMPT_CHARS that costs a few
