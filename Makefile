@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(VENV)/bin/pip install --quiet -e '.[serve,train,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[serve,train,dev,playground]'
 	touch $@
 
 demo: venv
