@@ -26,6 +26,17 @@ test: venv lint
 container-test: venv
 	scripts/container_test.sh
 
+# The browser playground (docs/playground.md): on 127.0.0.1:7860, over a coglet it starts on weights/.
+.PHONY: playground playground-test
+playground: venv
+	$(PY) -m jsd playground $(ARGS)
+
+# The playground in headless Debian Chromium (installed here when missing; never a browser download).
+playground-test: venv
+	@dpkg -s chromium fonts-ipafont-gothic >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-ipafont-gothic)
+	$(PY) -m pytest tests/playground -m browser -q
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

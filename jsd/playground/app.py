@@ -191,7 +191,7 @@ class Playground:
                     downloads = gr.File(label=i18n_label("downloads"), file_count="multiple", elem_id="downloads")
             seeds = gr.State([])
             selected = gr.State(0)
-            demo.load(self.on_load, None, [title, server])
+            demo.load(self.on_load, None, [title, server], queue=False, show_progress="hidden")
             event = self.generate_button.click(
                 self.generate,
                 set(components),
