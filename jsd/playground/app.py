@@ -381,7 +381,6 @@ def _stop_on_sigterm() -> None:
 
 def serve(*, api_url: str | None, weights: str, port: int, setup_timeout: float = 600) -> None:
     """Run the playground on 127.0.0.1:``port`` until interrupted. Raises :class:`PlaygroundError` (one line)."""
-    _stop_on_sigterm()
     with contextlib.ExitStack() as stack:
         url = api_url.rstrip("/") if api_url else stack.enter_context(local_server(weights, setup_timeout))
         webhook = stack.enter_context(contextlib.closing(WebhookReceiver())) if is_loopback(url) else None
@@ -392,6 +391,7 @@ def serve(*, api_url: str | None, weights: str, port: int, setup_timeout: float 
         (tmp / "outputs").mkdir()
         demo = Playground(api, fields, tmp / "outputs").build()
         theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+        _stop_on_sigterm()
         print(f"Playground on http://127.0.0.1:{port} (server {url}; Ctrl+C stops it)", file=sys.stderr, flush=True)
         demo.queue(default_concurrency_limit=1).launch(
             server_name="127.0.0.1",
