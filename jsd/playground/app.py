@@ -3,8 +3,9 @@
     python -m jsd playground                         # starts coglet on weights/ (tiny if none), opens :7860
     python -m jsd playground --api http://127.0.0.1:5000   # any running Cog server of this model
 
-Nothing leaves the machine: Gradio's analytics are off, there is no share link, and the theme uses the
-system's fonts (the default theme would fetch Inter from a font CDN).
+Nothing leaves the machine: Gradio's analytics are off, there is no share link, and the theme names the
+system's fonts (a ``GoogleFont`` in a theme is fetched from a font CDN; Japanese needs the system's CJK fonts
+anyway). tests/playground/ checks that a page asks nothing of any host but 127.0.0.1.
 """
 
 from __future__ import annotations

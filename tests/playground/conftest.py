@@ -122,11 +122,15 @@ def browser():
 
 @pytest.fixture
 def open_page(browser, playground):
-    """``open_page(locale="ja-JP")``: a new browser context (its own cookies and language) on the playground."""
+    """``open_page(locale="ja-JP")``: a new browser context (its own cookies and language) on the playground.
+
+    ``open_page.requests`` lists every URL the pages asked for, from the first request of each page on.
+    """
     contexts = []
 
     def opener(locale: str = "ja-JP"):
         context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
+        context.on("request", lambda request: opener.requests.append(request.url))
         context.set_default_timeout(PAGE_TIMEOUT * 1000)
         contexts.append(context)
         page = context.new_page()
@@ -135,6 +139,7 @@ def open_page(browser, playground):
         page.wait_for_function("document.querySelector('#server-status')?.innerText.includes('127.0.0.1')")
         return page
 
+    opener.requests = []
     yield opener
     for context in contexts:
         context.close()
