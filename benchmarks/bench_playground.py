@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
 FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -67,6 +68,7 @@ def start_playground(weights: Path, port: int, log_path: Path) -> tuple[subproce
 def page_load(browser, url: str) -> float:
     """Seconds from navigation to a usable form: Generate rendered and the server's state shown."""
     context = browser.new_context(locale="ja-JP")
+    context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     start = time.perf_counter()
     page.goto(url)
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"http://127.0.0.1:{port}"
                 loads = [page_load(browser, url) for _ in range(args.rounds)]
                 page = browser.new_page(locale="ja-JP")
+                page.set_default_timeout(TIMEOUT_MS)
                 page.goto(url)
                 page.wait_for_selector("#generate:enabled")
                 fill(page, settings)
