@@ -182,3 +182,52 @@ def test_an_api_where_nothing_listens_is_one_error_line(capsys):
         main(["playground", "--api", "http://127.0.0.1:9", "--port", "0"])
     err = capsys.readouterr().err
     assert "jsd: error: --api http://127.0.0.1:9: no server answers" in err and err.count("\n") == 1, err
+
+
+class _UnreachableWebhookServer:
+    """A Cog-like server that accepts async predictions but never calls the webhook (a remote host)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []  # (path, Prefer header)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.requests.append((self.path, self.headers.get("Prefer")))
+                if self.path.endswith("/cancel"):
+                    status, body = 200, {}
+                elif self.headers.get("Prefer") == "respond-async":
+                    status, body = 202, {"status": "starting"}
+                else:
+                    status, body = 200, {"status": "succeeded", "output": [], "metrics": {"seeds": [1]}}
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(json.dumps(body).encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def test_a_server_that_never_calls_the_webhook_gets_the_prediction_canceled_and_sent_synchronously():
+    from jsd.playground.cog_api import CogAPI, WebhookReceiver
+
+    fake = _UnreachableWebhookServer()
+    receiver = WebhookReceiver()
+    api = CogAPI(fake.url, webhook=receiver, webhook_probe=0.5)
+    try:
+        first = api.predict({"prompt": "猫"})
+        second = api.predict({"prompt": "犬"})
+    finally:
+        receiver.close()
+        fake.httpd.shutdown()
+
+    assert first.succeeded and second.succeeded and api.webhook is None
+    (async_path, prefer), (cancel_path, _), *sync = fake.requests
+    assert (async_path, prefer) == ("/predictions", "respond-async")
+    assert cancel_path.startswith("/predictions/playground-") and cancel_path.endswith("/cancel")
+    assert sync == [("/predictions", None), ("/predictions", None)]  # no second try of the webhook

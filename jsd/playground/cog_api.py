@@ -140,6 +140,9 @@ class CogAPI:
     url: str
     webhook: WebhookReceiver | None = None
     timeout: float = 600.0  # seconds one prediction may take before the playground gives up on it
+    # coglet posts the "start" event as soon as the prediction starts; none within this many seconds means the
+    # server cannot reach the receiver (a container on a bridge network, a remote host behind an SSH tunnel).
+    webhook_probe: float = 20.0
     _running: dict[str, str] = field(default_factory=dict)  # session → prediction id, for Cancel
 
     def schema(self) -> dict:
@@ -162,25 +165,31 @@ class CogAPI:
 
     def predict(self, inputs: dict, *, session: str = "", on_event: Callable[[dict], None] | None = None) -> Outcome:
         """Run one prediction; ``on_event`` sees every webhook body (async mode) as it arrives."""
-        prediction_id = f"playground-{uuid.uuid4().hex[:16]}"
-        self._running[session] = prediction_id
         try:
-            if self.webhook is None:
-                status, body = cog_local.post_json_with_retry(
-                    self.url, "/predictions", {"id": prediction_id, "input": inputs}, self.timeout
-                )
-                return Outcome(status, body)
-            return self._predict_async(prediction_id, inputs, on_event or (lambda body: None))
+            if self.webhook is not None:
+                self._running[session] = prediction_id = _new_id()
+                outcome = self._predict_async(self.webhook, prediction_id, inputs, on_event or (lambda body: None))
+                if outcome is not None:
+                    return outcome
+                self.webhook = None  # the server cannot reach it: synchronous from now on
+            self._running[session] = prediction_id = _new_id()
+            status, body = cog_local.post_json_with_retry(
+                self.url, "/predictions", {"id": prediction_id, "input": inputs}, self.timeout, retry_for=30
+            )
+            return Outcome(status, body)
         finally:
             self._running.pop(session, None)
 
-    def _predict_async(self, prediction_id: str, inputs: dict, on_event: Callable[[dict], None]) -> Outcome:
-        events = self.webhook.expect(prediction_id)
+    def _predict_async(
+        self, webhook: WebhookReceiver, prediction_id: str, inputs: dict, on_event: Callable[[dict], None]
+    ) -> Outcome | None:
+        """The prediction through the webhook; None (and the prediction canceled) when no webhook call comes."""
+        events = webhook.expect(prediction_id)
         try:
             body = {
                 "id": prediction_id,
                 "input": inputs,
-                "webhook": self.webhook.url(prediction_id),
+                "webhook": webhook.url(prediction_id),
                 "webhook_events_filter": WEBHOOK_EVENTS,
             }
             status, answer = cog_local.post_json_with_retry(
@@ -188,22 +197,28 @@ class CogAPI:
             )
             if status != 202:  # 422, a 409 that outlived the retries, ...: nothing runs
                 return Outcome(status, answer)
+            first = True
             while True:
                 try:
-                    event = events.get(timeout=self.timeout)
+                    event = events.get(timeout=self.webhook_probe if first else self.timeout)
                 except queue.Empty:
+                    if first:  # its result could never arrive: stop it, free the slot
+                        self._post_cancel(prediction_id)
+                        return None
                     raise PlaygroundError(f"no answer from {self.url} within {self.timeout:.0f} s") from None
+                first = False
                 on_event(event)
                 if event.get("status") in ("succeeded", "failed", "canceled"):
                     return Outcome(200, event)
         finally:
-            self.webhook.forget(prediction_id)
+            webhook.forget(prediction_id)
 
     def cancel(self, session: str = "") -> bool:
         """Cancel this session's running prediction (``POST /predictions/{id}/cancel``); False when none runs."""
         prediction_id = self._running.get(session)
-        if prediction_id is None:
-            return False
+        return prediction_id is not None and self._post_cancel(prediction_id)
+
+    def _post_cancel(self, prediction_id: str) -> bool:
         request = urllib.request.Request(
             f"{self.url}/predictions/{urllib.parse.quote(prediction_id)}/cancel", data=b"", method="POST"
         )
@@ -212,6 +227,10 @@ class CogAPI:
                 return True
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
+
+
+def _new_id() -> str:
+    return f"playground-{uuid.uuid4().hex[:16]}"
 
 
 def is_loopback(url: str) -> bool:
