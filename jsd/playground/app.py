@@ -193,7 +193,7 @@ class Playground:
             seeds = gr.State([])
             selected = gr.State(0)
             demo.load(self.on_load, None, [title, server], queue=False, show_progress="hidden")
-            event = self.generate_button.click(
+            self.generate_button.click(
                 self.generate,
                 set(components),
                 [gallery, message, tokens, downloads, seeds, server],
@@ -207,7 +207,6 @@ class Playground:
                 reuse.click(self.reuse_seed, [seeds, selected], [seed_box, message])
             else:
                 reuse.visible = False
-            self.event = event
         return demo
 
     def _form(self) -> list:
@@ -394,15 +393,18 @@ def serve(*, api_url: str | None, weights: str, port: int, setup_timeout: float 
         theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
         _stop_on_sigterm()
         print(f"Playground on http://127.0.0.1:{port} (server {url}; Ctrl+C stops it)", file=sys.stderr, flush=True)
-        demo.queue(default_concurrency_limit=1).launch(
-            server_name="127.0.0.1",
-            server_port=port,
-            share=False,
-            inbrowser=False,
-            quiet=True,
-            i18n=I18N,
-            theme=theme,
-            js=CTRL_ENTER_JS,
-            allowed_paths=[str(tmp / "outputs")],
-            footer_links=[],
-        )
+        try:
+            demo.queue(default_concurrency_limit=1).launch(
+                server_name="127.0.0.1",
+                server_port=port,
+                share=False,
+                inbrowser=False,
+                quiet=True,
+                i18n=I18N,
+                theme=theme,
+                js=CTRL_ENTER_JS,
+                allowed_paths=[str(tmp / "outputs")],
+                footer_links=[],
+            )
+        finally:
+            demo.close()  # stops Gradio's server thread, or the interpreter waits for it at exit
