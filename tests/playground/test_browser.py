@@ -12,12 +12,13 @@ import re
 import time
 
 import pytest
-from conftest import cog_local
 from PIL import Image
+from repofiles import load_repo_module
 
 from jsd.serving import read_metadata
 
 pytestmark = pytest.mark.browser
+cog_local = load_repo_module("scripts/cog_local.py")
 
 PROMPT = "サラリーマン 油絵"
 FAST = {"prompt": PROMPT, "seed": 42, "num_inference_steps": 2, "width": 128, "height": 128}
