@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
-	$(VENV)/bin/pip install --quiet -e '.[serve,train,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[serve,train,dev,playground]'
 	touch $@
 
 demo: venv
@@ -31,6 +31,17 @@ container-test: venv
 .PHONY: container-test-cuda
 container-test-cuda: venv
 	scripts/container_test.sh --cuda
+
+# The browser playground (docs/playground.md): on 127.0.0.1:7860, over a coglet it starts on weights/.
+.PHONY: playground playground-test
+playground: venv
+	$(PY) -m jsd playground $(ARGS)
+
+# The playground in headless Debian Chromium (installed here when missing; never a browser download).
+playground-test: venv
+	@dpkg -s chromium fonts-ipafont-gothic >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-ipafont-gothic)
+	$(PY) -m pytest tests/playground -m browser -q
 
 lint: venv
 	$(VENV)/bin/ruff check .

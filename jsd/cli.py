@@ -6,6 +6,7 @@
 .venv/bin/python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
 .venv/bin/python -m jsd filter-data data/images --min_clip_score 20                # Japanese CLIP data filter
 .venv/bin/python -m jsd evaluate --weights out/stage2 --compare weights            # fine-tune vs base, CLIP score
+.venv/bin/python -m jsd playground                                 # the browser form, http://127.0.0.1:7860
 """
 
 from __future__ import annotations
@@ -60,7 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize_parser(commands)
     _add_filter_parser(commands)
     _add_evaluate_parser(commands)
+    _add_playground_parser(commands)
     return parser
+
+
+def _add_playground_parser(commands) -> None:
+    play = commands.add_parser("playground", help="the model's form in the browser, over Cog's HTTP API")
+    play.add_argument("--api", help="a running Cog server of this model (default: start one on weights/)")
+    play.add_argument(
+        "--weights", default=DEFAULT_WEIGHTS, help="checkpoint served without --api (default: %(default)s)"
+    )
+    play.add_argument("--port", type=int, default=7860, help="the page's port on 127.0.0.1 (default: %(default)s)")
+    play.add_argument("--setup_timeout", "--setup-timeout", type=float, default=600, help="seconds to wait for setup()")
+    play.set_defaults(func=cmd_playground)
+
+
+def cmd_playground(args: argparse.Namespace) -> None:
+    """Serve the playground until Ctrl+C; a bad --api or schema is one error line."""
+    try:
+        from jsd.playground.app import serve
+        from jsd.playground.cog_api import PlaygroundError
+        from jsd.playground.form import SchemaError
+    except ImportError as err:
+        raise CLIError(f"the playground needs the playground extra ({err}): pip install -e '.[playground]'") from None
+    try:
+        serve(api_url=args.api, weights=args.weights, port=args.port, setup_timeout=args.setup_timeout)
+    except PlaygroundError as err:
+        raise CLIError(f"--api {args.api}: {err}" if args.api else str(err)) from None
+    except SchemaError as err:
+        raise CLIError(f"the server's /openapi.json is not a Cog model's schema: {err}") from None
 
 
 def _add_tokenize_parser(commands) -> None:

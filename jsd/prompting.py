@@ -182,12 +182,13 @@ class TokenReport:
         """The part of the (plain) prompt that was dropped, "" if none."""
         return self.text[self.offsets[self.kept][0] :].strip() if self.truncated else ""
 
-    def metrics(self) -> dict[str, int]:
-        """Counts for logs and Cog metrics."""
+    def metrics(self) -> dict[str, int | str]:
+        """Counts for logs and Cog metrics, and the dropped text (the playground shows it after a run)."""
         return {
             "prompt_tokens": self.count,
             "prompt_chunks": self.num_chunks,
             "prompt_truncated_tokens": len(self.truncated),
+            "prompt_truncated_text": self.truncated_text,
         }
 
     def __str__(self) -> str:

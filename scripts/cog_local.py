@@ -353,6 +353,7 @@ def post_json_with_retry(
     *,
     retry_for: float = RETRY_FOR,
     log=None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict]:
     """``POST url+path`` with a JSON body; returns the HTTP status and the JSON answer.
 
@@ -362,13 +363,14 @@ def post_json_with_retry(
     request sent straight after a 200 can get a 409 even from a client that sends one at a time
     (``scripts/repro_coglet.py``). A 409 has done no work, so sending the request again is safe. Every
     other status is returned at once. ``log`` receives one line per retry (default: standard error).
+    ``headers``: extra request headers (``Prefer: respond-async`` for an async prediction, answered 202).
     """
     log = log or (lambda line: print(line, file=sys.stderr))
     deadline = time.monotonic() + retry_for
     backoff = FIRST_BACKOFF
     attempt = 0
     while True:
-        status, answer = _post_json(f"{url}{path}", body, timeout)
+        status, answer = _post_json(f"{url}{path}", body, timeout, headers)
         left = deadline - time.monotonic()
         if status != 409 or left <= 0:
             return status, answer
@@ -379,10 +381,9 @@ def post_json_with_retry(
         backoff = min(backoff * 2, MAX_BACKOFF)
 
 
-def _post_json(url: str, body: dict, timeout: float | None) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+def _post_json(url: str, body: dict, timeout: float | None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | (headers or {})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.load(response)

@@ -126,6 +126,7 @@ def test_overflow_is_reported_and_logged_never_silently_dropped(tok, caplog):
         "prompt_tokens": report.count,
         "prompt_chunks": 2,
         "prompt_truncated_tokens": report.count - report.kept,
+        "prompt_truncated_text": report.truncated_text,
     }
     assert "最後の言葉" in str(report) and f"truncated ({report.count - report.kept} pieces)" in str(report)
     with caplog.at_level(logging.WARNING, logger="jsd.prompting"):
@@ -342,6 +343,7 @@ def test_serving_passes_prompt_weighting_and_returns_the_token_report(pipe):
         "prompt_tokens": report.count,
         "prompt_chunks": 3,
         "prompt_truncated_tokens": 0,
+        "prompt_truncated_text": "",
     }
     assert plain.token_report.text.endswith("(最後の言葉:1.3)")  # off: brackets are text
     assert weighted.images[0].metadata["prompt_weighting"] == "True"

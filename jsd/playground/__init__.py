@@ -1,0 +1,6 @@
+"""A browser playground for the model: its own form over Cog's HTTP API (``python -m jsd playground``).
+
+:mod:`jsd.playground.form` reads the form from ``/openapi.json``, :mod:`jsd.playground.cog_api` speaks Cog's
+protocol (async predictions with a webhook, cancel, 409 retries), :mod:`jsd.playground.app` is the Gradio page.
+Gradio and Playwright come with the ``playground`` extra (``make venv`` installs it); the Cog image has neither.
+"""
