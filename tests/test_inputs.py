@@ -266,10 +266,10 @@ def test_cli_image_mask_and_strength(tiny_checkpoint, tmp_path, components, phot
 def test_cli_prompt_weighting_and_lora(tiny_checkpoint, tmp_path, components, lora_file):
     inputs = TXT2IMG | {"prompt": PROMPT, "num_outputs": 1}
     args = [*CLI_TXT2IMG, "--num_outputs", "1"]
-    # off by default in the CLI: brackets are text
+    # on by default in the CLI, as in Cog; --no-prompt_weighting: brackets are text
     plain = ["generate", "(油絵:1.8)", "--weights", str(tiny_checkpoint), *args]
-    main([*plain, "-o", str(tmp_path / "off.png")])
-    main([*plain, "--prompt_weighting", "-o", str(tmp_path / "on.png")])
+    main([*plain, "--no-prompt_weighting", "-o", str(tmp_path / "off.png")])
+    main([*plain, "-o", str(tmp_path / "on.png")])
     literal = reference_kwargs(inputs | {"prompt": "(油絵:1.8)"})
     weighted = literal | {"prompt": None, "negative_prompt": None}
     weighted["prompt_embeds"] = weighted_embeds(components, "油絵", 1.8)

@@ -233,7 +233,8 @@ def test_a_replicate_training_ships_its_filter_and_last_validation(tmp_path, wei
     threshold = threshold_below(scores, 2)
     monkeypatch.setenv("JSD_WEIGHTS", str(weights))
     cog_train = cog_train_module(monkeypatch)
-    monkeypatch.setattr(cog_train, "OUTPUT_DIR", tmp_path / "output")
+    (tmp_path / "output").mkdir()
+    monkeypatch.setattr(cog_train, "_output_dir", lambda: tmp_path / "output")
     # Cog's own input checks are tested over HTTP (test_cog_train.py); 64 px keeps this one fast
     output = cog_train.train(
         input_images=tmp_path / "data.zip", caption_prefix="", max_train_steps=2, learning_rate=1e-3,

@@ -88,7 +88,7 @@ def run_training(train_module, tiny_checkpoint, tmp_path_factory):
         try:
             with (
                 mock.patch.dict(os.environ, {"JSD_WEIGHTS": str(tiny_checkpoint)}),
-                mock.patch.object(train_module, "OUTPUT_DIR", train_module.Path(tmp_path_factory.mktemp("output"))),
+                mock.patch.object(train_module, "_output_dir", return_value=tmp_path_factory.mktemp("output")),
                 mock.patch.object(trainer, "batch_loss", spy_loss),
                 mock.patch.object(trainer, "make_optimizer", spy_optimizer),
             ):
