@@ -24,6 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    from playwright.sync_api import sync_playwright
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
 FLAGS = [
@@ -112,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
-
-    from playwright.sync_api import sync_playwright
 
     cog_local = _cog_local()
     settings = {

@@ -229,10 +229,10 @@ def check_arguments(job: dict) -> str | None:
     argv, path, module = list(job["argv"]), job["path"], job["module"]
     if job["launcher"]:
         try:
-            path, argv = _launcher_split(job["launcher"], argv)
+            path, argv, module = _launcher_split(job["launcher"], argv)
         except _ArgparseExit as err:
             return f"{job['launcher']} rejects its arguments: {err}"
-        if not (REPO / path).is_file():
+        if module is None and not (REPO / path).is_file():
             return f"no script {path}"
     argv = [w for w in argv if w not in PLACEHOLDERS]
     original = argparse.ArgumentParser.parse_args
@@ -273,8 +273,8 @@ class _ArgparseExit(Exception):
     pass
 
 
-def _launcher_split(launcher: str, argv: list[str]) -> tuple[str, list[str]]:
-    """The script and its arguments, from accelerate's or torchrun's own parser."""
+def _launcher_split(launcher: str, argv: list[str]) -> tuple[str, list[str], str | None]:
+    """The script (or, with ``-m``, the module) and its arguments, from accelerate's or torchrun's own parser."""
     if launcher == "accelerate":
         from accelerate.commands.launch import launch_command_parser
 
@@ -290,7 +290,8 @@ def _launcher_split(launcher: str, argv: list[str]) -> tuple[str, list[str]]:
             args = parser.parse_args(values)
     except SystemExit:
         raise _ArgparseExit(stderr.getvalue().strip()) from None
-    return args.training_script, list(args.training_script_args)
+    module = args.training_script if getattr(args, "module", False) else None  # `-m jsd …`: both launchers
+    return args.training_script, list(args.training_script_args), module
 
 
 def _unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
