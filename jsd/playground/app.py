@@ -279,7 +279,9 @@ class Playground:
         images = save_outputs(outcome, folder)
         gallery = [(path, i18n.message(lang, "seed_caption", seed=seed)) for path, seed in images]
         report = token_report(outcome.body.get("metrics") or {}, lang)
-        done = i18n.message(lang, "done", count=len(images), seconds=seconds)
+        # The prediction's id finds it in the server's log, and tells two runs with the same timing apart.
+        prediction = outcome.body.get("id") or "?"
+        done = i18n.message(lang, "done", count=len(images), seconds=seconds, prediction=prediction)
         return gallery, done, report, [path for path, _ in images], [seed for _, seed in images], keep
 
     def cancel(self, request: gr.Request) -> None:
