@@ -26,6 +26,8 @@ from pathlib import Path
 
 try:
     from playwright.sync_api import sync_playwright
+
+    from jsd.playground import CHROMIUM_FLAGS
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
 
@@ -33,15 +35,6 @@ except ModuleNotFoundError as err:  # started by a Python without the project's 
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _cog_local():
@@ -138,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         process, api = start_playground(weights, port, Path(tmp) / "playground.log")
         try:
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+                browser = playwright.chromium.launch(
+                    executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS
+                )
                 url = f"http://127.0.0.1:{port}"
                 loads = [page_load(browser, url) for _ in range(args.rounds)]
                 page = browser.new_page(locale="ja-JP")

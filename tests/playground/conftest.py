@@ -18,18 +18,10 @@ from pathlib import Path
 import pytest
 from repofiles import REPO, load_repo_module
 
+from jsd.playground import CHROMIUM_FLAGS
+
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = REPO / "build" / "playground-test"
-# design.md: without the networking flags Chromium's own connections are refused in bursts here.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SETUP_TIMEOUT = 240.0
 PAGE_TIMEOUT = 180.0  # seconds: the playground's start (importing gradio on 2 busy cores) and one page load
 
