@@ -16,6 +16,7 @@ import time
 from cog import BaseRunner, Input, Path
 
 from jsd import best_of_n, scratch, serving
+from jsd.fast_mode import FAST_FOLDER, FAST_MODES, OFF, describe_installed, load_fast_loras
 from jsd.lora_weights import MAX_LORA_SCALE
 from jsd.manifest import verify_manifest
 from jsd.optimize import optimize_pipeline
@@ -52,6 +53,8 @@ class Predictor(BaseRunner):
         loaded = time.perf_counter()
         revision = str(manifest.get("revision", "unknown"))
         self.generator = serving.ImageGenerator(pipe, model_revision=revision, scorer=scorer)
+        # weights/fast/<name>/, each verified against its own manifest and test-loaded (a bad one fails setup).
+        self.generator.set_fast_loras(load_fast_loras(folder))
         logger.info(
             "Loaded %s (revision %s) on %s/%s: verify %.1f s, load %.1f s",
             folder,
@@ -64,6 +67,10 @@ class Predictor(BaseRunner):
         if weights:
             default = self.generator.set_default_lora(weights)
             logger.info("Default LoRA (COG_WEIGHTS) %s, sha256 %s", default.source, default.sha256)
+        if self.generator.fast_loras:
+            logger.info("Fast modes:\n%s", describe_installed(folder))
+        else:
+            logger.info("No fast-mode LoRA in %s/%s/: `fast_mode` other than 'off' is refused.", folder, FAST_FOLDER)
         if scorer is None:
             logger.info("No Japanese CLIP scorer in %s: `num_candidates` above 1 is refused.", folder)
         else:
@@ -98,14 +105,34 @@ class Predictor(BaseRunner):
             le=serving.MAX_OUTPUTS,
             default=1,
         ),
-        num_inference_steps: int = Input(description="Denoising steps.", ge=1, le=serving.MAX_STEPS, default=25),
+        num_inference_steps: int = Input(
+            description=f"Denoising steps. With `fast_mode`, {serving.DEFAULT_STEPS} means the fast mode's own (4).",
+            ge=1,
+            le=serving.MAX_STEPS,
+            default=serving.DEFAULT_STEPS,
+        ),
         guidance_scale: float = Input(
-            description="How closely to follow the prompt (classifier-free guidance).",
+            description="How closely to follow the prompt (classifier-free guidance; 1 turns it off). With "
+            f"`fast_mode`, {serving.DEFAULT_GUIDANCE:g} means the fast mode's own (1).",
             ge=1,
             le=serving.MAX_GUIDANCE,
-            default=7.5,
+            default=serving.DEFAULT_GUIDANCE,
         ),
-        scheduler: str = Input(description="Sampler.", choices=scheduler_names(), default=DEFAULT_SCHEDULER),
+        scheduler: str = Input(
+            description=f"Sampler. With `fast_mode`, {DEFAULT_SCHEDULER} means the fast mode's own (LCM, TCD or "
+            "DDIM trailing).",
+            choices=scheduler_names(),
+            default=DEFAULT_SCHEDULER,
+        ),
+        fast_mode: str = Input(
+            description="Fast mode: an acceleration LoRA from the weights folder (LCM-LoRA, TCD-LoRA, Hyper-SD "
+            "4-step, or jsd-lcm distilled for this model) with its own sampler, 4 steps and no guidance: about 6× "
+            "faster. num_inference_steps, guidance_scale and scheduler left at their defaults take its settings; "
+            "more than 8 steps or guidance above 2 is refused. Works together with `lora_weights`. Made for SD 1.5: "
+            "what it costs in quality on this model is unknown until measured (docs/performance.md). 'off': none.",
+            choices=FAST_MODES,
+            default=OFF,
+        ),
         seed: int | None = Input(
             description="Seed of the first image; image i uses seed + i (alone, with seed + i, it comes out the same "
             "up to rounding: at most 1 level per pixel on CPU, more after lossy WebP/JPEG encoding). Leave empty for a "
@@ -180,6 +207,7 @@ class Predictor(BaseRunner):
             lora_weights=lora_weights,
             lora_scale=lora_scale,
             num_candidates=num_candidates,
+            fast_mode=fast_mode,
         )
         result = self.generator.generate(request)
         for name, value in result.token_report.metrics().items():  # prompt_tokens, prompt_chunks, ...

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora_weights", "--lora-weights", help="a LoRA: URL, data URI or path of a trainer .tar or a .safetensors"
     )
     gen.add_argument("--lora_scale", "--lora-scale", type=float, default=1.0, help="LoRA strength, 0-2 (0: base model)")
+    _add_fast_mode_argument(
+        gen, "an acceleration LoRA of --weights (fast/<name>/) with its sampler, steps and guidance"
+    )
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
@@ -63,6 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(commands)
     _add_playground_parser(commands)
     return parser
+
+
+def _add_fast_mode_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    from jsd.fast_mode import FAST_MODES, OFF
+
+    parser.add_argument("--fast_mode", "--fast-mode", default=OFF, help=f"{what}: one of {', '.join(FAST_MODES)}")
+
+
+def _fast_generator(weights: Path, device: str | None):
+    """An :class:`jsd.serving.ImageGenerator` on ``weights`` with its fast-mode LoRAs (verified, test-loaded)."""
+    from jsd import fast_mode, serving
+
+    generator = serving.ImageGenerator(serving.load_pipeline(weights, device=device))
+    try:
+        generator.set_fast_loras(fast_mode.load_fast_loras(weights))
+    except fast_mode.FastModeError as err:
+        raise CLIError(str(err)) from None
+    return generator
 
 
 def _add_playground_parser(commands) -> None:
@@ -145,6 +166,9 @@ def _add_evaluate_parser(commands) -> None:
     _add_scorer_arguments(ev)
     ev.add_argument("--lora_weights", "--lora-weights", help="a LoRA for --weights: .tar, .safetensors, URL")
     ev.add_argument("--lora_scale", "--lora-scale", type=float, default=1.0, help="LoRA strength, 0-2")
+    _add_fast_mode_argument(
+        ev, "the --weights side in this fast mode (its steps, guidance, scheduler); --compare runs the plain settings"
+    )
     ev.add_argument(
         "--compare",
         help="B side: another checkpoint folder (model_index.json), or another LoRA on --weights; "
@@ -235,12 +259,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         prompts = evaluation.read_prompts(args.prompts)
         source = f"`--prompts` {args.prompts}" if args.prompts else f"jsd's {evaluation.DEFAULT_PROMPTS}"
         evaluation.check_requests(prompts, settings, source=source)
-        serving.GenerationRequest(lora_scale=args.lora_scale).validate()
+        serving.GenerationRequest(lora_scale=args.lora_scale, fast_mode=args.fast_mode).validate()
+        evaluation.check_requests(prompts[:1], settings, fast_mode=args.fast_mode)
         font = japanese_font(14, args.font)
-        sides = [(_checkpoint_folder(args.weights, "--weights"), args.lora_weights, "--lora_weights")]
+        sides = [(_checkpoint_folder(args.weights, "--weights"), args.lora_weights, "--lora_weights", args.fast_mode)]
         if args.compare is not None:
             sides.append(_compare_side(args.compare, sides[0][0]))
-        for _, lora, flag in sides:  # fetched and checked now: a bad LoRA costs no generation
+        for _, lora, flag, _ in sides:  # fetched and checked now: a bad LoRA costs no generation
             _check_lora(lora, flag)
         scorer_folder, scorer_flag = _scorer_folder(args)
         # 2. the scorer, then each side: generate this process's share of the prompts, score, gather
@@ -248,14 +273,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         device = args.device or state.device
         scorer = clip_filter.load_scorer(scorer_folder, name=scorer_flag, device=device)
         arms, generator, loaded = [], None, None
-        for weights, lora, flag in sides:
+        for weights, lora, flag, fast in sides:
             if weights != loaded:  # another checkpoint: the previous one is released first
                 generator = None
-                generator = serving.ImageGenerator(serving.load_pipeline(weights, device=device))
+                generator = _fast_generator(weights, device)
                 generator.pipeline.set_progress_bar_config(disable=True)
                 loaded = weights
             generator.set_default_lora(lora, name=flag)  # fetched and test-loaded now: a bad LoRA fails here
-            arm = evaluation.Arm(_label(weights, lora, args.lora_scale), generator, lora_scale=args.lora_scale)
+            generator.fast_lora(fast)  # installed in these weights, or refused naming fast_mode before generating
+            label = _label(weights, lora, args.lora_scale, fast)
+            arm = evaluation.Arm(label, generator, lora_scale=args.lora_scale, fast_mode=fast)
             rows = evaluation.evaluate_arm(arm, scorer, prompts, settings, state=state)
             arms.append(evaluation.ArmResult(arm.label, rows))
     except (evaluation.EvaluationError, clip_filter.FilterError, serving.InputError) as err:
@@ -283,11 +310,11 @@ def _checkpoint_folder(value: str | Path, flag: str) -> Path:
     return folder
 
 
-def _compare_side(value: str, weights: Path) -> tuple[Path, str | None, str]:
-    """``--compare``: a checkpoint folder (its base model), else a LoRA on ``--weights``."""
+def _compare_side(value: str, weights: Path) -> tuple[Path, str | None, str, str]:
+    """``--compare``: a checkpoint folder (its base model), else a LoRA on ``--weights``; never in fast mode."""
     if Path(value).is_dir():
-        return _checkpoint_folder(value, "--compare"), None, "--compare"
-    return weights, value, "--compare"
+        return _checkpoint_folder(value, "--compare"), None, "--compare", "off"
+    return weights, value, "--compare", "off"
 
 
 def _check_lora(value: str | None, flag: str) -> None:
@@ -300,8 +327,9 @@ def _check_lora(value: str | None, flag: str) -> None:
             raise CLIError(str(err)) from None
 
 
-def _label(weights: Path, lora: str | None, scale: float) -> str:
-    return f"{weights} + LoRA {lora} (scale {scale:g})" if lora else str(weights)
+def _label(weights: Path, lora: str | None, scale: float, fast: str = "off") -> str:
+    label = f"{weights} + LoRA {lora} (scale {scale:g})" if lora else str(weights)
+    return label if fast == "off" else f"{label}, fast mode {fast}"
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -340,6 +368,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_weighting=args.prompt_weighting,
         lora_weights=args.lora_weights,
         lora_scale=args.lora_scale,
+        fast_mode=args.fast_mode,
     )
     weights = Path(args.weights)
     try:
@@ -348,7 +377,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not weights.is_dir():
             raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
         print(f"seed: {checked.seed}")
-        generator = serving.ImageGenerator(serving.load_pipeline(weights, device=args.device))
+        generator = _fast_generator(weights, args.device)
         result = generator.generate(request)
     except serving.InputError as err:
         raise CLIError(str(err)) from None

@@ -423,15 +423,17 @@ def convert_checkpoint(
 
 
 def _carry_nested_checkpoints(dest: Path, staging: Path) -> None:
-    """Move subfolders of ``dest`` with their own manifest (the Japanese CLIP scorer) into ``staging``.
+    """Move subfolders of ``dest`` holding checkpoints with their own manifest into ``staging``: the Japanese
+    CLIP scorer (``japanese_clip/manifest.json``) and the fast-mode LoRAs (``fast/<name>/manifest.json``).
 
-    Replacing the weights must not drop a scorer downloaded beside them; the new manifest does not list
-    its files (``checkpoint_files`` leaves nested checkpoints to their own manifests).
+    Replacing the weights must not drop what was downloaded beside them; the new manifest does not list
+    their files (``checkpoint_files`` leaves nested checkpoints to their own manifests).
     """
     if not dest.is_dir():
         return
     for sub in sorted(dest.iterdir()):
-        if sub.is_dir() and (sub / MANIFEST_FILE).is_file() and not (staging / sub.name).exists():
+        nested = sub.is_dir() and any(sub.glob(f"**/{MANIFEST_FILE}"))
+        if nested and not (staging / sub.name).exists():
             os.replace(sub, staging / sub.name)
 
 

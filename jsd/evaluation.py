@@ -180,11 +180,13 @@ class EvalSettings:
 
 @dataclass
 class Arm:
-    """One side of an evaluation: a loaded generator (its default LoRA, if any, is applied) and the LoRA scale."""
+    """One side of an evaluation: a loaded generator (its default LoRA, if any, is applied), the LoRA scale and
+    the fast mode (its steps, guidance and scheduler replace the settings' defaults, as in a prediction)."""
 
     label: str
-    generator: object  # jsd.serving.ImageGenerator, with set_default_lora() done by the caller
+    generator: object  # jsd.serving.ImageGenerator, with set_default_lora()/set_fast_loras() done by the caller
     lora_scale: float = 1.0
+    fast_mode: str = "off"
 
 
 @dataclass
@@ -198,7 +200,7 @@ class Row:
     png: bytes = field(repr=False, default=b"")
 
 
-def make_request(prompt: str, index: int, settings: EvalSettings, *, lora_scale: float = 1.0):
+def make_request(prompt: str, index: int, settings: EvalSettings, *, lora_scale: float = 1.0, fast_mode: str = "off"):
     """The :class:`jsd.serving.GenerationRequest` of prompt ``index``: one PNG at seed ``seed + index``."""
     from jsd.serving import DEFAULT_SCHEDULER, GenerationRequest
 
@@ -216,17 +218,20 @@ def make_request(prompt: str, index: int, settings: EvalSettings, *, lora_scale:
         # A flagged image would leave a hole in the paired comparison; the images stay on the user's disk.
         disable_safety_checker=True,
         lora_scale=lora_scale,
+        fast_mode=fast_mode,
     )
 
 
-def check_requests(prompts: Sequence[str], settings: EvalSettings, *, source: str = "`--prompts`") -> None:
+def check_requests(
+    prompts: Sequence[str], settings: EvalSettings, *, source: str = "`--prompts`", fast_mode: str = "off"
+) -> None:
     """Validate every request before any model work; a bad prompt is an :class:`EvaluationError` naming
     ``source`` (the prompt file) and the prompt's number; a bad setting raises :class:`jsd.serving.InputError`."""
     from jsd.serving import InputError
 
     for i, prompt in enumerate(prompts):
         try:
-            make_request(prompt, 0, settings).validate()
+            make_request(prompt, 0, settings, fast_mode=fast_mode).validate()
         except InputError as err:
             if "`prompt`" not in str(err):  # a setting (width, steps …): the same for every prompt
                 raise
@@ -252,7 +257,7 @@ def evaluate_arm(
         for batch in mine:
             images = []
             for i in batch:
-                request = make_request(prompts[i], i, settings, lora_scale=arm.lora_scale)
+                request = make_request(prompts[i], i, settings, lora_scale=arm.lora_scale, fast_mode=arm.fast_mode)
                 images.append(arm.generator.generate(request).images[0].image)
                 bar.update(1)
             scores = scorer.score(images, [prompts[i] for i in batch], batch_size=batch_size).tolist()

@@ -10,7 +10,8 @@ The format is diffusers' own, so the files work outside this package too:
 
 At prediction time a ``lora_weights`` value (http(s) URL, data URI or local path, to a trainer ``.tar``
 or a ``.safetensors`` in either format) is resolved by :class:`LoraCache` to a verified local file,
-loaded into the request's pipeline by :func:`apply_lora` and unloaded when the request ends, so the
+loaded into the request's pipeline by :func:`apply_loras` (with the request's fast-mode LoRA, if any, each at
+its own scale) and unloaded when the request ends, so the
 next request without ``lora_weights`` runs the base model bit for bit.
 """
 
@@ -30,7 +31,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,48 @@ def check_safetensors(path: Path, *, name: str = "lora_weights", source: str | N
     return keys
 
 
+# Cross-attention widths of the Stable Diffusion families: how a LoRA's base model is told from its shapes.
+BASE_MODELS = {768: "SD 1.x (and Japanese Stable Diffusion)", 1024: "SD 2.x", 2048: "SDXL"}
+_SDXL_KEYS = ("text_encoder_2.", "lora_te2_", "add_embedding", "input_blocks_4_1_transformer_blocks_1")
+
+
+def lora_cross_attention_dims(path: Path, keys: list[str]) -> set[int]:
+    """The input widths of the LoRA's cross-attention key/value projections (``attn2`` ``to_k``/``to_v``).
+
+    Their down (A) matrix has shape (rank, cross_attention_dim) in every key format (peft ``lora_A``, kohya
+    ``lora_down``, old diffusers ``to_k_lora.down``), so this is the text width the LoRA was made for.
+    """
+    downs = [
+        key
+        for key in keys
+        if "attn2" in key
+        and ("to_k" in key or "to_v" in key)
+        and any(d in key for d in ("lora_A", "lora_down", "lora.down"))
+        and key.endswith("weight")
+    ]
+    with safe_open(path, framework="pt") as f:
+        return {int(f.get_slice(key).get_shape()[-1]) for key in downs}
+
+
+def check_lora_base(path: Path, keys: list[str], cross_attention_dim: int, *, shown: str) -> None:
+    """:class:`LoraError` naming ``shown`` when the LoRA at ``path`` was made for another base model.
+
+    SDXL LoRAs are told by their second text encoder's keys or 2048-wide cross-attention, SD 2.x ones by
+    1024-wide cross-attention (SD 1.x and JSD: 768; the tiny test checkpoints: smaller).
+    """
+    dims = lora_cross_attention_dims(path, keys)
+    sdxl = any(marker in key for key in keys for marker in _SDXL_KEYS)
+    other = sorted(d for d in dims if d != cross_attention_dim)
+    if sdxl or other:
+        made_for = (
+            "SDXL" if sdxl else ", ".join(BASE_MODELS.get(d, f"a model with {d}-wide text features") for d in other)
+        )
+        raise LoraError(
+            f"{shown} was made for {made_for}, not this model (cross-attention width {cross_attention_dim}, "
+            f"{BASE_MODELS.get(cross_attention_dim, 'a test checkpoint')}): use a LoRA made for SD 1.x/JSD."
+        )
+
+
 def _extract_lora_member(archive: Path, dest: Path, *, limit: int, name: str, source: str) -> None:
     """Copy the trainer .tar's ``lora.safetensors`` (a regular file, at most ``limit`` bytes) to ``dest``."""
     try:
@@ -345,6 +388,9 @@ def load_lora(pipe, lora: LoraFile, *, name: str = "lora_weights", adapter_name:
     from peft.utils import get_peft_model_state_dict
 
     state_dict = load_file(lora.path)
+    check_lora_base(
+        lora.path, list(state_dict), pipe.unet.config.cross_attention_dim, shown=f"`{name}` {lora.source!r}"
+    )
     expected = sum(1 for key in state_dict if "lora" in key and key.endswith(".weight"))
     try:
         pipe.load_lora_weights(state_dict, adapter_name=adapter_name)
@@ -369,20 +415,35 @@ def unload_lora(pipe) -> None:
     pipe.unload_lora_weights()
 
 
-@contextlib.contextmanager
-def apply_lora(pipe, lora: LoraFile | None, scale: float, *, name: str = "lora_weights") -> Iterator[dict | None]:
-    """Load ``lora`` for the duration of the block; yields the pipeline's ``cross_attention_kwargs``.
+@dataclass(frozen=True)
+class AppliedLora:
+    """One LoRA of a request: the file, its scale, and the input it came from (named in errors)."""
 
-    ``{"scale": scale}`` reaches the UNet (diffusers' ``apply_lora_scale``) and the text encoder
-    (:meth:`jsd.pipelines.JapanesePipelineMixin.encode_prompt`). Without ``lora`` nothing is loaded and
-    ``None`` is yielded: the base model's exact path.
+    lora: LoraFile
+    scale: float
+    name: str = "lora_weights"
+
+
+@contextlib.contextmanager
+def apply_loras(pipe, loras: Sequence[AppliedLora]) -> Iterator[None]:
+    """Load ``loras`` for the duration of the block, each as its own adapter at its own scale.
+
+    diffusers' multi-adapter API (``loaders/lora_base.py``): ``load_lora_weights(..., adapter_name=...)`` per
+    LoRA, then ``set_adapters(names, adapter_weights=scales)``, which sets every adapter's scale in the UNet
+    and, for the adapters that have text-encoder layers, in the text encoder (peft's ``set_scale``: scale ×
+    alpha / rank). So no ``cross_attention_kwargs`` scale is passed. Without ``loras`` nothing is loaded:
+    the base model's exact path. Every adapter is unloaded when the block ends, whatever happened.
     """
-    if lora is None:
-        yield None
+    if not loras:
+        yield
         return
     try:
-        load_lora(pipe, lora, name=name)
-        yield {"scale": float(scale)}
+        names = []
+        for index, item in enumerate(loras):
+            names.append(f"{ADAPTER_NAME}_{index}")
+            load_lora(pipe, item.lora, name=item.name, adapter_name=names[-1])
+        pipe.set_adapters(names, adapter_weights=[float(item.scale) for item in loras])
+        yield
     finally:
         unload_lora(pipe)
 

@@ -19,8 +19,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils import is_scipy_available
@@ -28,14 +30,26 @@ from diffusers.utils import is_scipy_available
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    """A diffusers scheduler class and the config values that make it the named sampler."""
+    """A diffusers scheduler class, the config values that make it the named sampler, and its call settings.
+
+    ``call_kwargs`` go to the pipeline call with this scheduler: diffusers' Stable Diffusion pipelines pass
+    their own ``eta`` (default 0.0) to every scheduler whose ``step`` takes one, so TCD's ``eta`` must be
+    given there, as diffusers' TCD docs do (``pipe(..., eta=0.3)``). ``max_steps``: the most
+    ``num_inference_steps`` the scheduler accepts (LCM and TCD pick their steps among
+    ``original_inference_steps`` = 50 and raise beyond it).
+    """
 
     cls: type
     overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    max_steps: int | None = None
 
 
 DEFAULT_SCHEDULER = "DPM-Solver++ 2M"
+# TCD's gamma (called eta in diffusers): 0.3 is the TCD card's and TCDScheduler.step's default; fixed, not an input.
+TCD_ETA = 0.3
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler/TCDScheduler's default original_inference_steps
 
 SCHEDULERS: dict[str, SchedulerSpec] = {
     "DPM-Solver++ 2M": SchedulerSpec(
@@ -56,6 +70,21 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "Heun": SchedulerSpec(HeunDiscreteScheduler, {}, "two UNet evaluations per step"),
     "UniPC": SchedulerSpec(UniPCMultistepScheduler, {}, "fast at 10-20 steps"),
     "DEIS": SchedulerSpec(DEISMultistepScheduler, {}, ""),
+    # Few-step samplers of the acceleration LoRAs (jsd.fast_mode), as their cards and diffusers' docs build them:
+    # LCMScheduler/TCDScheduler.from_config(pipe.scheduler.config) and Hyper-SD's DDIM with trailing timesteps.
+    "LCM": SchedulerSpec(LCMScheduler, {}, "LCM-LoRA's sampler: 2-8 steps, guidance 1-2", max_steps=LCM_ORIGINAL_STEPS),
+    "TCD": SchedulerSpec(
+        TCDScheduler,
+        {},
+        f"TCD-LoRA's sampler, eta {TCD_ETA} (stochasticity; the card's default): 2-8 steps",
+        call_kwargs={"eta": TCD_ETA},
+        max_steps=LCM_ORIGINAL_STEPS,
+    ),
+    "DDIM trailing": SchedulerSpec(
+        DDIMScheduler,
+        {"clip_sample": False, "timestep_spacing": "trailing"},
+        "DDIM with trailing timesteps (Hyper-SD's LoRAs); starts from the last training timestep",
+    ),
 }
 
 
@@ -73,6 +102,21 @@ def check_scheduler_name(name: object) -> str:
         # diffusers' LMS integrates its coefficients with scipy; fail before any model work.
         raise ValueError("`scheduler` 'LMS' needs scipy: pip install 'jsd[serve]' (or scipy==1.17.1).")
     return name
+
+
+def check_scheduler_steps(name: str, num_inference_steps: int) -> None:
+    """``ValueError`` naming both inputs when ``name`` cannot take ``num_inference_steps`` steps."""
+    limit = SCHEDULERS[check_scheduler_name(name)].max_steps
+    if limit is not None and num_inference_steps > limit:
+        raise ValueError(
+            f"`num_inference_steps` must be at most {limit} with `scheduler` {name!r} (it picks its steps among "
+            f"{limit} of the 1,000 training steps), got {num_inference_steps}."
+        )
+
+
+def scheduler_call_kwargs(name: str) -> dict[str, Any]:
+    """What the pipeline call needs with scheduler ``name`` (TCD: ``{"eta": 0.3}``; most: nothing)."""
+    return dict(SCHEDULERS[check_scheduler_name(name)].call_kwargs)
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]):

@@ -22,6 +22,9 @@ What a user can rely on:
 - CUDA out-of-memory frees the cache and raises :class:`GenerationError`; the next call works;
 - a LoRA (``lora_weights``, or the generator's default one) is loaded for one request and unloaded after
   it: a request without one gets the base model's images bit for bit, and so does ``lora_scale=0``;
+- ``fast_mode`` (:mod:`jsd.fast_mode`) adds an acceleration LoRA from the weights folder, as a second adapter beside
+  the request's LoRA, with its sampler: steps, guidance and scheduler left at their defaults take the fast mode's
+  own; values it was not made for are refused naming the input (:meth:`GenerationRequest.validate`);
 - ``num_candidates`` N > 1 (best-of-N, :mod:`jsd.best_of_n`) generates N candidates per returned image, in
   batches within :data:`MAX_PIXELS`, and returns the one the Japanese CLIP scorer ranks highest; it needs a
   scorer (``weights/japanese_clip/``), and N = 1 is the plain generation, bit for bit.
@@ -35,7 +38,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from xml.sax.saxutils import escape
@@ -44,6 +47,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from jsd import best_of_n, lora_weights
+from jsd.fast_mode import OFF, RECIPES, FastLora, FastModeError, FastSettings, check_fast_mode_name
 from jsd.japanese_clip import SCORER_FOLDER
 from jsd.pipelines import (
     JapaneseStableDiffusionImg2ImgPipeline,
@@ -51,7 +55,13 @@ from jsd.pipelines import (
     JapaneseStableDiffusionPipeline,
 )
 from jsd.prompting import DEFAULT_MAX_PROMPT_CHUNKS, TokenReport, tokenize_prompt
-from jsd.schedulers import DEFAULT_SCHEDULER, check_scheduler_name, make_scheduler
+from jsd.schedulers import (
+    DEFAULT_SCHEDULER,
+    check_scheduler_name,
+    check_scheduler_steps,
+    make_scheduler,
+    scheduler_call_kwargs,
+)
 
 if TYPE_CHECKING:
     from jsd.japanese_clip import JapaneseCLIPScorer
@@ -65,6 +75,8 @@ MIN_SIDE, MAX_SIDE = 128, 1024
 MAX_OUTPUTS = 4
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
 # `prompt` and `negative_prompt`, in characters. The model reads at most DEFAULT_MAX_PROMPT_CHUNKS (3) chunks of
 # 76 pieces: about 400 Japanese characters or 900 of romaji with rinna's tokenizer. 2,000 leaves room for
 # weight syntax and spaces while keeping tokenizing (twice: here and in the pipeline), logging and embedding
@@ -106,9 +118,9 @@ class GenerationRequest:
     width: int = 512
     height: int = 512
     num_outputs: int = 1
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str = DEFAULT_SCHEDULER
+    num_inference_steps: int = DEFAULT_STEPS  # with a fast mode, the default means the fast mode's own
+    guidance_scale: float = DEFAULT_GUIDANCE  # likewise
+    scheduler: str = DEFAULT_SCHEDULER  # likewise
     seed: int | None = None  # None: a random 63-bit seed
     image: str | os.PathLike | Image.Image | None = None  # img2img (or inpaint with ``mask``)
     mask: str | os.PathLike | Image.Image | None = None  # inpaint: white is repainted, black kept
@@ -120,9 +132,14 @@ class GenerationRequest:
     lora_weights: str | None = None  # URL, data URI or path of a LoRA (jsd.lora_weights); None: the generator's default
     lora_scale: float = 1.0  # 0: the base model exactly
     num_candidates: int = 1  # best-of-N: candidates per returned image, ranked by the Japanese CLIP scorer
+    fast_mode: str = OFF  # an acceleration LoRA of the weights folder (jsd.fast_mode), or "off"
 
-    def validate(self) -> ValidatedRequest:
-        """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one."""
+    def validate(self, fast: FastSettings | None = None) -> ValidatedRequest:
+        """Check every input and decode ``image``/``mask``; raises :class:`InputError` on the first bad one.
+
+        With a ``fast_mode``, the returned request holds the steps, guidance and scheduler it resolves to
+        (``fast``: the installed LoRA's settings; ``None``: those of its recipe, for checking before loading).
+        """
         _check_text("prompt", self.prompt)
         _check_text("negative_prompt", self.negative_prompt)
         for name in ("width", "height"):
@@ -155,8 +172,44 @@ class GenerationRequest:
             raise InputError(f"`lora_weights` must be a URL, a data URI or a file path, got {got}.")
         _check_float("lora_scale", self.lora_scale, 0.0, lora_weights.MAX_LORA_SCALE)
         _check_int("num_candidates", self.num_candidates, 1, best_of_n.MAX_CANDIDATES)
-        image, mask = self._decode_images()
-        return ValidatedRequest(request=self, seed=seed, image=image, mask=mask)
+        resolved = self._resolve_fast_mode(fast)
+        try:
+            check_scheduler_steps(resolved.scheduler, resolved.num_inference_steps)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        image, mask = resolved._decode_images()
+        return ValidatedRequest(request=resolved, seed=seed, image=image, mask=mask)
+
+    def _resolve_fast_mode(self, fast: FastSettings | None) -> GenerationRequest:
+        """This request with the fast mode's sampler settings where the user left the plain defaults."""
+        try:
+            name = check_fast_mode_name(self.fast_mode)
+        except FastModeError as err:
+            raise InputError(str(err)) from None
+        if name == OFF:
+            return self
+        fast = fast or RECIPES[name].settings
+        resolved = replace(
+            self,
+            num_inference_steps=fast.num_inference_steps
+            if self.num_inference_steps == DEFAULT_STEPS
+            else self.num_inference_steps,
+            guidance_scale=fast.guidance_scale if self.guidance_scale == DEFAULT_GUIDANCE else self.guidance_scale,
+            scheduler=fast.scheduler if self.scheduler == DEFAULT_SCHEDULER else self.scheduler,
+        )
+        if resolved.num_inference_steps > fast.max_steps:
+            raise InputError(
+                f"`num_inference_steps` must be at most {fast.max_steps} with `fast_mode` {name!r} (its LoRA was made "
+                f"for few steps; the default {DEFAULT_STEPS} means its own {fast.num_inference_steps}), got "
+                f"{self.num_inference_steps}: lower it, or set `fast_mode` to 'off'."
+            )
+        if resolved.guidance_scale > fast.max_guidance_scale:
+            raise InputError(
+                f"`guidance_scale` must be at most {fast.max_guidance_scale:g} with `fast_mode` {name!r} (higher "
+                f"guidance burns a consistency LoRA's images; the default {DEFAULT_GUIDANCE:g} means its own "
+                f"{fast.guidance_scale:g}), got {self.guidance_scale:g}: lower it, or set `fast_mode` to 'off'."
+            )
+        return resolved
 
     def _decode_images(self) -> tuple[Image.Image | None, Image.Image | None]:
         if self.mask is not None and self.image is None:
@@ -282,6 +335,34 @@ class ImageGenerator:
         self._scheduler_config = dict(pipeline.scheduler.config)
         self.lora_cache = lora_cache or lora_weights.LoraCache()
         self.default_lora: lora_weights.LoraFile | None = None
+        self.fast_loras: dict[str, FastLora] = {}
+
+    def set_fast_loras(self, fast_loras: dict[str, FastLora]) -> None:
+        """Offer these fast modes (:func:`jsd.fast_mode.load_fast_loras`); each is test-loaded now, so one that
+        does not fit this model fails here (:class:`InputError` naming ``fast_mode``), not in every request."""
+        for fast in fast_loras.values():
+            try:
+                with lora_weights.apply_loras(self.pipeline, [lora_weights.AppliedLora(fast.lora, 1.0, "fast_mode")]):
+                    pass
+            except lora_weights.LoraError as err:
+                raise InputError(str(err)) from None
+        self.fast_loras = dict(fast_loras)
+
+    def fast_lora(self, name: object) -> FastLora | None:
+        """The installed fast mode ``name`` (``None`` for "off"); :class:`InputError` naming ``fast_mode`` if absent."""
+        try:
+            name = check_fast_mode_name(name)
+        except FastModeError as err:
+            raise InputError(str(err)) from None
+        if name == OFF:
+            return None
+        if name not in self.fast_loras:
+            installed = ", ".join(map(repr, self.fast_loras)) or "none"
+            raise InputError(
+                f"`fast_mode` {name!r} is not installed in this model's weights (installed: {installed}): use "
+                f"`fast_mode` 'off', or add it with `.venv/bin/python scripts/download_weights.py --fast_mode {name}`."
+            )
+        return self.fast_loras[name]
 
     def set_default_lora(self, value: str | None, *, name: str = "weights") -> lora_weights.LoraFile | None:
         """Use the LoRA behind ``value`` for requests without ``lora_weights`` (``None``: the base model).
@@ -292,8 +373,11 @@ class ImageGenerator:
         lora = None
         if value:
             lora = self._resolve_lora(value, name=name)
-            with lora_weights.apply_lora(self.pipeline, lora, 1.0, name=name):
-                pass
+            try:
+                with lora_weights.apply_loras(self.pipeline, [lora_weights.AppliedLora(lora, 1.0, name)]):
+                    pass
+            except lora_weights.LoraError as err:
+                raise InputError(str(err)) from None
         self.default_lora = lora
         return lora
 
@@ -315,7 +399,8 @@ class ImageGenerator:
             NSFWError: every image was flagged.
             GenerationError: CUDA ran out of memory (the memory is freed first).
         """
-        checked = request.validate()
+        fast = self.fast_lora(request.fast_mode)
+        checked = request.validate(fast.settings if fast else None)
         if request.num_candidates > 1 and self.scorer is None:
             raise InputError(
                 f"`num_candidates` is {request.num_candidates}, but this model has no Japanese CLIP scorer to rank "
@@ -330,25 +415,45 @@ class ImageGenerator:
         lora = self.default_lora
         if request.lora_weights:
             lora = self._resolve_lora(request.lora_weights, name="lora_weights")
+        loras = self._applied_loras(checked, fast, lora)
         pipe = self._assemble(checked)
         start = time.perf_counter()
         try:
-            with lora_weights.apply_lora(pipe, lora, request.lora_scale) as cross_attention_kwargs:
-                if lora is not None:
-                    logger.info("LoRA %s (sha256 %s) at scale %g", lora.source, lora.sha256[:12], request.lora_scale)
+            with lora_weights.apply_loras(pipe, loras):
+                for item in loras:
+                    logger.info("LoRA %s (sha256 %s) at scale %g", item.lora.source, item.lora.sha256[:12], item.scale)
                 if request.num_candidates == 1:
-                    output = self._run(pipe, checked, cross_attention_kwargs)
+                    output = self._run(pipe, checked)
                 else:
-                    candidates, images = self._run_candidates(pipe, checked, cross_attention_kwargs)
+                    candidates, images = self._run_candidates(pipe, checked)
         except lora_weights.LoraError as err:
             raise InputError(str(err)) from None
         seconds = time.perf_counter() - start
         if request.num_candidates == 1:
-            result = self._collect(checked, output, seconds, lora)
+            result = self._collect(checked, output, seconds, lora, fast)
         else:
-            result = self._collect_best(checked, candidates, images, seconds, lora)
+            result = self._collect_best(checked, candidates, images, seconds, lora, fast)
         result.token_report = report
         return result
+
+    @staticmethod
+    def _applied_loras(
+        checked: ValidatedRequest, fast: FastLora | None, lora: lora_weights.LoraFile | None
+    ) -> list[lora_weights.AppliedLora]:
+        """The request's adapters: the fast mode's at full strength (as its card applies it), then the style LoRA."""
+        loras = []
+        if fast is not None:
+            logger.info(
+                "Fast mode %s: %s, %d steps, guidance %g",
+                fast.settings.name,
+                checked.request.scheduler,
+                checked.request.num_inference_steps,
+                checked.request.guidance_scale,
+            )
+            loras.append(lora_weights.AppliedLora(fast.lora, 1.0, "fast_mode"))
+        if lora is not None:
+            loras.append(lora_weights.AppliedLora(lora, checked.request.lora_scale, "lora_weights"))
+        return loras
 
     def _assemble(self, checked: ValidatedRequest):
         cls = {
@@ -365,13 +470,7 @@ class ImageGenerator:
         pipe.set_progress_bar_config(**getattr(self.pipeline, "_progress_bar_config", {}))
         return pipe
 
-    def _run(
-        self,
-        pipe,
-        checked: ValidatedRequest,
-        cross_attention_kwargs: dict | None = None,
-        seeds: list[int] | None = None,
-    ):
+    def _run(self, pipe, checked: ValidatedRequest, seeds: list[int] | None = None):
         """One pipeline call: an image per seed (default: the request's ``seed + i``)."""
         request = checked.request
         seeds = checked.seeds if seeds is None else seeds
@@ -386,8 +485,7 @@ class ImageGenerator:
             "generator": generators,
             "prompt_weighting": request.prompt_weighting,
         }
-        if cross_attention_kwargs is not None:  # only with a LoRA: the base model's call stays as it was
-            kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        kwargs |= scheduler_call_kwargs(request.scheduler)  # TCD's eta; nothing for the others
         if checked.mode == "txt2img":
             kwargs |= {"width": request.width, "height": request.height}
         else:
@@ -406,16 +504,14 @@ class ImageGenerator:
             f"{request.height}: lower `num_outputs`, `width` or `height` and try again."
         )
 
-    def _run_candidates(
-        self, pipe, checked: ValidatedRequest, cross_attention_kwargs: dict | None
-    ) -> tuple[list[best_of_n.Candidate], list[Image.Image]]:
+    def _run_candidates(self, pipe, checked: ValidatedRequest) -> tuple[list[best_of_n.Candidate], list[Image.Image]]:
         """Best-of-N: every candidate, in batches within the pixel budget, then scored against the prompt."""
         request = checked.request
         seeds = best_of_n.candidate_seeds(checked.seed, request.num_outputs, request.num_candidates)
         per_batch = best_of_n.candidates_per_batch(request.width, request.height, MAX_PIXELS)
         images, flags = [], []
         for batch in best_of_n.batches(seeds, per_batch):
-            output = self._run(pipe, checked, cross_attention_kwargs, seeds=batch)
+            output = self._run(pipe, checked, seeds=batch)
             images += output.images
             flags += output.nsfw_content_detected or [False] * len(output.images)
         candidates = [
@@ -436,6 +532,7 @@ class ImageGenerator:
         images: list[Image.Image],
         seconds: float,
         lora: lora_weights.LoraFile | None = None,
+        fast: FastLora | None = None,
     ) -> GenerationResult:
         request = checked.request
         best = best_of_n.choose(candidates)
@@ -450,7 +547,7 @@ class ImageGenerator:
                 logger.warning("Every candidate of image %d was flagged by the safety checker.", index)
                 continue
             chosen = best[index]
-            metadata = self.metadata(request, chosen.seed, lora)
+            metadata = self.metadata(request, chosen.seed, lora, fast)
             metadata |= {"clip_score": f"{chosen.score:.2f}", "num_candidates": str(request.num_candidates)}
             image = images[candidates.index(chosen)]
             kept.append(GeneratedImage(image=image, seed=chosen.seed, index=index, metadata=metadata))
@@ -471,7 +568,12 @@ class ImageGenerator:
         )
 
     def _collect(
-        self, checked: ValidatedRequest, output, seconds: float, lora: lora_weights.LoraFile | None = None
+        self,
+        checked: ValidatedRequest,
+        output,
+        seconds: float,
+        lora: lora_weights.LoraFile | None = None,
+        fast: FastLora | None = None,
     ) -> GenerationResult:
         request = checked.request
         flags = output.nsfw_content_detected or [False] * len(output.images)
@@ -481,7 +583,7 @@ class ImageGenerator:
                 logger.warning("Image %d (seed %d) was flagged by the safety checker and is not returned.", index, seed)
                 flagged.append(seed)
                 continue
-            metadata = self.metadata(request, seed, lora)
+            metadata = self.metadata(request, seed, lora, fast)
             kept.append(GeneratedImage(image=image, seed=seed, index=index, metadata=metadata))
         if not kept:
             raise NSFWError(
@@ -498,7 +600,11 @@ class ImageGenerator:
         )
 
     def metadata(
-        self, request: GenerationRequest, seed: int, lora: lora_weights.LoraFile | None = None
+        self,
+        request: GenerationRequest,
+        seed: int,
+        lora: lora_weights.LoraFile | None = None,
+        fast: FastLora | None = None,
     ) -> dict[str, str]:
         """The settings embedded in an output file: enough to reproduce that one image."""
         settings = asdict(request)
@@ -511,6 +617,8 @@ class ImageGenerator:
             meta |= {"prompt_strength": str(request.prompt_strength)}
         if lora is not None:  # its hash, not its URL (which may carry a signed token)
             meta |= {"lora_sha256": lora.sha256, "lora_scale": str(request.lora_scale)}
+        if fast is not None:  # the steps, guidance and scheduler above are the ones it resolved to
+            meta |= {"fast_mode": fast.settings.name, "fast_mode_sha256": fast.lora.sha256}
         return meta
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -157,6 +158,7 @@ def make_checkpoint(
     seed: int = 0,
     nsfw: Literal["never", "always"] = "never",
     torch_dtype: torch.dtype = torch.float32,
+    fast_modes: Sequence[str] = (),
 ) -> Path:
     """Write a seeded checkpoint in the served layout (safetensors + manifest) to ``dest``.
 
@@ -164,6 +166,7 @@ def make_checkpoint(
         tokenizer_model: a sentencepiece model (e.g. rinna's ``google_sp.model``); by default a
             small one is trained on the project's own Japanese corpus.
         torch_dtype: dtype of the saved weights (the served layout uses fp16 for real weights).
+        fast_modes: fast modes to install with a seeded random LoRA each (:func:`write_tiny_fast_lora`).
     """
     dest = Path(dest)
     tokenizer_dir = dest / "tokenizer"
@@ -178,7 +181,45 @@ def make_checkpoint(
     write_manifest(
         dest, source=f"{TINY_SOURCE_PREFIX} size={size} seed={seed} nsfw={nsfw}", revision=f"{size}-seed{seed}"
     )
+    for name in fast_modes:
+        write_tiny_fast_lora(dest, name, seed=seed)
     return dest
+
+
+def write_tiny_fast_lora(weights: str | Path, name: str = "lcm", *, seed: int = 0, rank: int = 4) -> Path:
+    """Install a seeded random UNet LoRA for the checkpoint in ``weights`` as fast mode ``name``; returns its folder.
+
+    It has an acceleration LoRA's form (UNet attention only, peft keys, as LCM-LoRA and ``jsd distill``'s output)
+    and changes the image visibly, so tests and the documented commands exercise fast mode offline. It
+    accelerates nothing: its pictures are noise, like the tiny checkpoint's.
+    """
+    import tempfile
+
+    from peft import LoraConfig
+
+    from jsd.fast_mode import install_fast_lora
+    from jsd.lora_weights import LORA_WEIGHT_NAME, UNET_TARGET_MODULES, save_lora
+
+    weights = Path(weights)
+    unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGET_MODULES)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # peft starts lora_B at zero (no effect): draw both halves
+        for key, param in unet.named_parameters():
+            if "lora_" in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    with tempfile.TemporaryDirectory(prefix="jsd-tiny-fast-") as scratch:
+        save_lora(scratch, unet)
+        return install_fast_lora(
+            Path(scratch) / LORA_WEIGHT_NAME,
+            weights,
+            name,
+            source=f"{TINY_SOURCE_PREFIX} fast_mode={name} seed={seed}",
+            revision=f"seed{seed}",
+            license="test weights (random, seeded)",
+            base=f"{TINY_SOURCE_PREFIX} (the tiny test checkpoint)",
+        )
 
 
 # --------------------------------------------------------------------------- rinna's 2022 layout

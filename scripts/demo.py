@@ -36,10 +36,14 @@ def weights_kind(folder: Path) -> str:
     return "tiny" if str(read_manifest(folder).get("source", "")).startswith(TINY_SOURCE_PREFIX) else "real"
 
 
+TINY_FAST_MODE = "lcm"  # the tiny checkpoint's seeded fast-mode LoRA, so `fast_mode` works offline after the demo
+
+
 def ensure_weights(folder: Path) -> str:
     """Make sure ``folder`` holds a checkpoint; builds the tiny one unless real weights are there."""
+    from jsd.fast_mode import fast_folder
     from jsd.manifest import WeightsVerificationError, verify_manifest
-    from jsd.tiny import make_checkpoint
+    from jsd.tiny import make_checkpoint, write_tiny_fast_lora
 
     kind = weights_kind(folder)
     if kind == "unknown":
@@ -50,6 +54,8 @@ def ensure_weights(folder: Path) -> str:
     if kind == "tiny":
         try:
             verify_manifest(folder)
+            if not fast_folder(folder, TINY_FAST_MODE).is_dir():  # a tiny checkpoint from before fast mode
+                write_tiny_fast_lora(folder, TINY_FAST_MODE)
             return kind
         except WeightsVerificationError as err:
             print(f"rebuilding the tiny checkpoint: {err}")
@@ -59,7 +65,7 @@ def ensure_weights(folder: Path) -> str:
         print(
             f"no real weights in {folder}: writing the tiny checkpoint (tokenizer: {tokenizer or 'the project corpus'})"
         )
-        make_checkpoint(folder, tokenizer_model=tokenizer)
+        make_checkpoint(folder, tokenizer_model=tokenizer, fast_modes=[TINY_FAST_MODE])
         return "tiny"
     return kind
 

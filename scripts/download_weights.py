@@ -6,11 +6,20 @@
     .venv/bin/python scripts/download_weights.py --source ~/japanese-stable-diffusion --dest weights/   # a local clone
     .venv/bin/python scripts/download_weights.py --verify-only weights/                                 # check a folder
     .venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16    # → weights/japanese_clip/
+    .venv/bin/python scripts/download_weights.py --fast_mode lcm                          # → weights/fast/lcm/
+    .venv/bin/python scripts/download_weights.py --fast_mode jsd-lcm --fast_mode_file out/distill   # a local LoRA
 
 ``--scorer`` fetches rinna's Japanese CLIP (or ``rinna/japanese-cloob-vit-b-16``; both Apache-2.0, not
 gated) and the tokenizer it uses (rinna/japanese-roberta-base's ``spiece.model``), converts them to
 safetensors and writes their own manifest into ``<dest>/japanese_clip/``: the scorer of best-of-N
 (``num_candidates``) and of ``jsd evaluate``/``filter-data`` (docs/japanese-clip.md).
+
+``--fast_mode NAME`` installs an acceleration LoRA for fast mode (docs/serving.md#fast-mode): ``lcm``
+(latent-consistency/lcm-lora-sdv1-5), ``tcd`` (h1t/TCD-SD15-LoRA) or ``hyper-sd-4step`` (ByteDance/Hyper-SD's
+Hyper-SD15-4steps-lora) from the hub, or any of them and ``jsd-lcm`` (``jsd distill``'s output) from a local
+``--fast_mode_file`` (a .safetensors, or a folder holding pytorch_lora_weights.safetensors). The LoRA is checked
+to fit the checkpoint in ``--dest`` (an SDXL or SD 2.x LoRA is refused) and written with its sampler settings,
+source, revision and license (the hub card's) into ``<dest>/fast/NAME/`` with its own manifest.
 
 Only the files serving needs are fetched (configs, tokenizer, the weights of unet, vae,
 text_encoder and safety_checker), into the Hugging Face cache: an interrupted download resumes
@@ -64,6 +73,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="REPO_OR_DIR",
         default=SCORER_TOKENIZER_REPO,
         help=f"with --scorer: where its spiece.model comes from (default: {SCORER_TOKENIZER_REPO})",
+    )
+    parser.add_argument(
+        "--fast_mode",
+        "--fast-mode",
+        metavar="NAME",
+        help="instead of the main weights: install the acceleration LoRA of fast mode NAME into <dest>/fast/NAME "
+        "(lcm, tcd, hyper-sd-4step from the hub; jsd-lcm from --fast_mode_file)",
+    )
+    parser.add_argument(
+        "--fast_mode_file",
+        "--fast-mode-file",
+        metavar="PATH",
+        help="with --fast_mode: a local LoRA .safetensors (diffusers or kohya keys), or a folder holding "
+        "pytorch_lora_weights.safetensors (what `jsd distill` writes), instead of the hub download",
     )
     return parser.parse_args(argv)
 
@@ -145,16 +168,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jsd.convert import ConversionError
+    from jsd.fast_mode import FastModeError
     from jsd.manifest import WeightsVerificationError
 
     try:
         if args.verify_only:
             print(verify_only(args.verify_only, allow_tiny=args.allow_tiny))
             return 0
+        if args.fast_mode:
+            return _install_fast_mode(args)
+        if args.fast_mode_file:
+            raise FileNotFoundError("--fast_mode_file needs --fast_mode NAME (which fast mode it is).")
         if args.scorer:
             return _download_scorer(args)
         return _download_and_convert(args)
-    except (ConversionError, WeightsVerificationError, DownloadError, FileNotFoundError) as err:
+    except (ConversionError, WeightsVerificationError, DownloadError, FileNotFoundError, FastModeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -231,6 +259,65 @@ def _download_scorer(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {describe(dest)} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _install_fast_mode(args: argparse.Namespace) -> int:
+    """``--fast_mode NAME``: the public LoRA from the hub, or ``--fast_mode_file``, → ``<dest>/fast/NAME/``."""
+    from jsd.fast_mode import LORA_FILE, RECIPES, FastModeError, describe_installed, install_fast_lora
+
+    recipe = RECIPES.get(args.fast_mode)
+    if recipe is None:
+        raise FastModeError(f"--fast_mode must be one of {', '.join(RECIPES)}; got {args.fast_mode!r}.")
+    if not (Path(args.dest) / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--dest {args.dest} holds no checkpoint (unet/config.json): download the weights first (the LoRA is "
+            "checked against them)."
+        )
+    license_ = None
+    if args.fast_mode_file:
+        path = Path(args.fast_mode_file).expanduser()
+        lora = path / LORA_FILE if path.is_dir() else path
+        if not lora.is_file():
+            raise FileNotFoundError(f"--fast_mode_file {args.fast_mode_file}: no such file (or no {LORA_FILE} in it).")
+        source, revision = str(lora.resolve()), args.revision or _file_revision(lora)
+    elif recipe.repo is None:
+        raise FastModeError(
+            f"--fast_mode {args.fast_mode} has no public download: give --fast_mode_file (the LoRA `jsd distill` "
+            "wrote)."
+        )
+    else:
+        folder, revision = fetch_from_hub(
+            recipe.repo, revision=args.revision, cache_dir=args.cache_dir, choose=lambda names: [recipe.filename]
+        )
+        lora, source = folder / recipe.filename, f"{recipe.repo}/{recipe.filename}"
+        license_ = hub_card_license(recipe.repo, revision)
+    import torch
+
+    dtype = getattr(torch, args.dtype)  # served fp16 by default, as the main weights
+    dest = install_fast_lora(
+        lora, args.dest, args.fast_mode, source=source, revision=revision, license=license_, torch_dtype=dtype
+    )
+    print(f"installed fast mode {args.fast_mode} in {dest}")
+    print(describe_installed(args.dest))
+    return 0
+
+
+def _file_revision(path: Path) -> str:
+    from jsd.manifest import sha256_file
+
+    return f"sha256:{sha256_file(path)[:16]}"
+
+
+def hub_card_license(repo_id: str, revision: str) -> str | None:
+    """The ``license`` of the repo's model card (``None`` when the card has none or cannot be read)."""
+    from huggingface_hub import HfApi, get_token
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, token=get_token())
+    except Exception:
+        return None
+    license_ = getattr(getattr(info, "card_data", None), "license", None)
+    return str(license_) if license_ else None
 
 
 def _scorer_spiece(folder: Path, args: argparse.Namespace) -> Path:

@@ -4,6 +4,7 @@
 .venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --tokenizer ../shared/data/tokenizer/google_sp.model
 .venv/bin/python scripts/make_tiny_weights.py /tmp/full --size full --dtype float16   # benchmarks only: ~2 GB
 .venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --scorer clip   # + a tiny Japanese CLIP in japanese_clip/
+.venv/bin/python scripts/make_tiny_weights.py /tmp/tiny --fast_mode lcm  # + a seeded fast-mode LoRA in fast/lcm/
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 try:
     import torch
 
+    from jsd.fast_mode import RECIPES
     from jsd.japanese_clip import SCORER_FOLDER
     from jsd.tiny import make_checkpoint, write_tiny_scorer
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
@@ -33,6 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scorer", choices=["clip", "cloob"], help="also write a tiny Japanese CLIP scorer (best-of-N) of this kind"
     )
+    parser.add_argument(
+        "--fast_mode",
+        "--fast-mode",
+        action="append",
+        default=[],
+        choices=list(RECIPES),
+        help="also install a seeded random LoRA as this fast mode (repeatable), so fast mode runs offline",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     dest = make_checkpoint(
@@ -42,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         nsfw=args.nsfw,
         torch_dtype=getattr(torch, args.dtype),
+        fast_modes=args.fast_mode,
     )
     if args.scorer:
         spiece = args.tokenizer or dest / "tokenizer" / "spiece.model"

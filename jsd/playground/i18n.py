@@ -91,6 +91,7 @@ FIELD_LABELS: dict[str, dict[str, str]] = {
         "disable_safety_checker": "セーフティチェッカーを無効にする",
         "lora_weights": "LoRA",
         "lora_scale": "LoRA の強さ",
+        "fast_mode": "高速モード",
     },
     "en": {
         "seed": "seed (empty: random)",
