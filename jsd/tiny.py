@@ -202,10 +202,9 @@ def write_tiny_fast_lora(weights: str | Path, name: str = "lcm", *, seed: int = 
 
     weights = Path(weights)
     unet = UNet2DConditionModel.from_pretrained(weights / "unet", use_safetensors=True)
-    torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGET_MODULES)))
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # peft starts lora_B at zero (no effect): draw both halves
+    with torch.no_grad():  # peft starts lora_B at zero (no effect): draw both halves, from the seed alone
         for key, param in unet.named_parameters():
             if "lora_" in key:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)

@@ -75,7 +75,10 @@ def test_each_name_is_diffusers_scheduler_with_its_config_and_steps(base_config,
 
 
 def test_karras_sigmas_and_trailing_timesteps_are_what_the_names_say(base_config):
-    karras, plain = make_scheduler("DPM-Solver++ 2M Karras", base_config), make_scheduler("DPM-Solver++ 2M", base_config)
+    karras, plain = (
+        make_scheduler("DPM-Solver++ 2M Karras", base_config),
+        make_scheduler("DPM-Solver++ 2M", base_config),
+    )
     karras.set_timesteps(STEPS)
     plain.set_timesteps(STEPS)
     assert not torch.equal(karras.sigmas, plain.sigmas)
