@@ -44,6 +44,15 @@ FAST = {"prompt": PROMPT, "width": 128, "height": 192, "num_outputs": 1, "seed":
 TOLERANCE = 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, as tests/test_evaluation.py: CI shares its cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def weights(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint with a seeded LoRA installed as fast mode ``lcm`` (as ``make demo`` writes it)."""
@@ -345,3 +354,25 @@ def test_download_installs_a_local_distilled_lora_and_refuses_what_does_not_fit(
     )
     assert "`--fast_mode hyper-sd-4step`" in (err := capsys.readouterr().err) and "made for SDXL" in err
     assert not (dest / "fast" / "hyper-sd-4step").exists()
+
+
+def test_evaluate_compares_fast_mode_with_the_plain_settings_on_the_same_weights(
+    weights, tiny_scorer, tmp_path, capsys
+):
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    shutil.copytree(tiny_scorer, folder / "japanese_clip")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("赤い花の写真\n猫が寝ている\n", encoding="utf-8")
+    size = ["--width", "128", "--height", "128", "--steps", "3"]
+    out = tmp_path / "eval"
+    main(["evaluate", "--weights", str(folder), "--prompts", str(prompts), "--output_dir", str(out), *size,
+          "--fast_mode", "lcm", "--compare", str(folder)])  # fmt: skip
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [arm["label"] for arm in report["arms"]] == [f"{folder}, fast mode lcm", str(folder)]
+    assert "difference_a_minus_b" in report
+    main(["generate", "猫が寝ている", "--weights", str(folder), *size, "--seed", "1", "--fast_mode", "lcm",
+          "--disable_safety_checker", "-o", str(tmp_path / "g.png")])  # fmt: skip
+    fast, plain = (read_pixels(out / "images" / side / "002.png") for side in "AB")
+    assert np.array_equal(fast, read_pixels(tmp_path / "g.png"))  # the prediction path, in fast mode
+    assert np.abs(fast - plain).mean() > 3
