@@ -39,6 +39,10 @@ PREDICTION_LINES = [  # predict.py, jsd.serving, jsd.optimize, jsd.lora_weights,
     r"Default LoRA \(COG_WEIGHTS\) .*, sha256 [0-9a-f]+",
     r"No Japanese CLIP scorer in .*: `num_candidates` above 1 is refused\.",
     r"Japanese CLIP scorer \(\w+\) loaded: best-of-N is available\.",
+    r"No fast-mode LoRA in .*: `fast_mode` other than 'off' is refused\.",  # fast mode (predict.py, jsd.serving)
+    r"Fast modes:",
+    r"[\w-]+: [\w +.-]+, \d+ steps, guidance [\d.]+; .*, sha256 [0-9a-f]+",
+    r"Fast mode [\w-]+: .*, \d+ steps, guidance [\d.]+",
     r"Image \d+ candidate seed \d+: score [\d.]+, (chosen|flagged|not chosen)",  # best-of-N (jsd.serving)
     r"Generating \d+ image\(s\) with seeds \[[\d, ]+\]",
     r"Prompt tokens:",
