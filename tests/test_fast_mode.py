@@ -376,3 +376,11 @@ def test_evaluate_compares_fast_mode_with_the_plain_settings_on_the_same_weights
     fast, plain = (read_pixels(out / "images" / side / "002.png") for side in "AB")
     assert np.array_equal(fast, read_pixels(tmp_path / "g.png"))  # the prediction path, in fast mode
     assert np.abs(fast - plain).mean() > 3
+
+
+def test_make_demo_gives_the_tiny_checkpoint_a_fast_mode_lora(tiny_checkpoint, tmp_path):
+    demo = load_repo_module("scripts/demo.py")
+    old = tmp_path / "weights"
+    shutil.copytree(tiny_checkpoint, old)  # a tiny checkpoint written before fast mode existed
+    assert demo.ensure_weights(old) == "tiny"
+    assert set(load_fast_loras(old)) == {demo.TINY_FAST_MODE} == {"lcm"}
