@@ -313,7 +313,7 @@ def card_hub(monkeypatch, tmp_path, weights):
     repo.mkdir()
     shutil.copyfile(weights / "fast" / "lcm" / LORA_FILE, repo / "TCD-SD15-LoRA.safetensors")
     (repo / "README.md").write_text("# TCD")
-    hub = CardHub(repo, tmp_path / "cache", "mit")
+    hub = CardHub(repo, tmp_path / "cache", "apache-2.0")  # not the recipe's "mit": the card's is recorded
     monkeypatch.setattr("huggingface_hub.HfApi.model_info", hub.model_info)
     monkeypatch.setattr("huggingface_hub.snapshot_download", hub.hub.snapshot_download)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
@@ -328,7 +328,7 @@ def test_download_installs_a_public_lora_with_its_source_revision_and_license(ca
     assert download["allow_patterns"] == ["TCD-SD15-LoRA.safetensors"] and download["revision"] == SHA
     settings = read_settings(dest / "fast" / "tcd")
     assert (settings.source, settings.revision) == ("h1t/TCD-SD15-LoRA/TCD-SD15-LoRA.safetensors", SHA)
-    assert (settings.license, settings.scheduler) == ("mit", "TCD")
+    assert (settings.license, settings.scheduler) == ("apache-2.0", "TCD")
     with safe_open(dest / "fast" / "tcd" / LORA_FILE, framework="pt") as f:  # converted to the served fp16
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
     assert set(load_fast_loras(dest)) == {"lcm", "tcd"}
