@@ -48,11 +48,10 @@ def test_form_fields_follow_the_schema_in_order_with_bounds_and_choices():
 
 
 def test_every_input_of_the_predictor_becomes_a_widget():
-    from repofiles import load_repo_module
-
+    from jsd.coghttp.local import openapi_schema
     from jsd.playground.app import widget
 
-    fields = input_fields(load_repo_module("scripts/cog_local.py").openapi_schema())  # what coglet serves
+    fields = input_fields(openapi_schema())  # what coglet serves
     with gr.Blocks():
         widgets = {field.name: widget(field) for field in fields}
     assert {"prompt", "seed", "image", "mask", "num_inference_steps"} <= set(widgets)
