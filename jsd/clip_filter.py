@@ -10,7 +10,7 @@ their Japanese CLOOB were removed). Here::
 
 What it guarantees:
 
-- the pairs are read as :mod:`jsd.training` reads them (``metadata.jsonl`` > ``captions.csv`` > ``.txt``
+- the pairs are read as the trainer reads them (:mod:`jsd.captions`: ``metadata.jsonl`` > ``captions.csv`` > ``.txt``
   sidecars); a pair whose score is below ``min_clip_score`` is dropped, one at or above it is kept;
 - every pair ends in exactly one list: kept, dropped (both with their scores) or unscorable (with why);
 - scores are cached by image SHA-256, caption and scorer, appended to the cache after every batch; an
@@ -34,8 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from jsd.training.archive import DatasetError, read_captions
-from jsd.training.data import IMAGE_EXTENSIONS
+from jsd.captions import IMAGE_EXTENSIONS, DatasetError, read_captions
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from repofiles import REPO, load_repo_module
+from repofiles import REPO
 
 tomllib = pytest.importorskip("tomllib")
 

@@ -161,7 +161,7 @@ def test_a_served_prediction_logs_only_our_lines_and_leaves_nothing_behind(
     assert foreign(lines, PREDICTION_LINES) == []
     assert leftovers(private_tmp) == []
     long_prompt, missing_file = client_errors
-    assert long_prompt.startswith('Invalid input: body.input.prompt: "猫猫猫') and len(long_prompt) < 200
+    assert long_prompt.startswith('Invalid input: `prompt`: "猫猫猫') and len(long_prompt) < 200
     assert long_prompt.endswith('…" (2,345 characters) is longer than 2000 characters'), long_prompt
     assert missing_file.startswith(f"-i lora_weights: no such file {tmp_path / 'nope.tar'} (relative paths start")
 
