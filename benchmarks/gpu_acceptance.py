@@ -1171,12 +1171,12 @@ def step_clip_score(ctx: Context, result: StepResult) -> None:
 
 def find_scorer(ctx: Context) -> Path | None:
     """`--scorer`, else `$JSD_WEIGHTS/japanese_clip`, else `weights/japanese_clip`; the dry run writes a tiny one."""
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
     if ctx.args.scorer is not None:
         return ctx.args.scorer
-    candidates = [Path(os.environ["JSD_WEIGHTS"]) / SCORER_FOLDER] if os.environ.get("JSD_WEIGHTS") else []
-    candidates.append(REPO / "weights" / SCORER_FOLDER)
+    candidates = [scorer_folder(os.environ["JSD_WEIGHTS"])] if os.environ.get("JSD_WEIGHTS") else []
+    candidates.append(scorer_folder(REPO / "weights"))
     found = next((c for c in candidates if c.is_dir()), None)
     if found is None and ctx.args.dry_run:
         from bench_common import default_tokenizer_model

@@ -1,7 +1,8 @@
 """The package's modules import each other without a cycle, and the two LoRA modules keep their rooms.
 
-A cycle hidden behind an import inside a function (as ``jsd.training.lora`` once had with the trainer) still
-counts: the graph is read with ``ast`` from every ``import`` statement in a module, wherever it sits.
+A cycle hidden behind an import inside a function still counts: the graph is read with ``ast`` from every
+``import`` statement in a module, wherever it sits. The library never loads code from ``scripts/`` or ``tests/``,
+by import or by file path.
 """
 
 from __future__ import annotations
