@@ -52,10 +52,12 @@ def run_inputs(predictor, **inputs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if importlib.util.find_spec("jsd") is None:  # started by a Python without the project's packages
+    # started by a Python without the project's packages (jsd alone may be found: PYTHONPATH at the checkout)
+    missing = next((name for name in ("jsd", "torch") if importlib.util.find_spec(name) is None), None)
+    if missing:
         from _venv import exit_with_hint  # this file's folder is sys.path[0]
 
-        exit_with_hint("jsd")
+        exit_with_hint(missing)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.environ.get("JSD_WEIGHTS", "weights"))
     parser.add_argument("--output", default="outputs", help="folder for the images (default: %(default)s)")
