@@ -160,6 +160,18 @@ def test_an_api_where_nothing_listens_is_one_error_line(capsys):
     assert "jsd: error: --api http://127.0.0.1:9: no server answers" in err and err.count("\n") == 1, err
 
 
+def test_without_api_outside_a_model_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from jsd.cli import main
+    from jsd.coghttp import local
+
+    monkeypatch.setattr(local, "ROOT", tmp_path)  # an installed package run in a folder without predict.py
+    with pytest.raises(SystemExit) as exit_info:
+        main(["playground", "--port", "0", "--weights", str(tmp_path / "weights")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"no predict.py in {tmp_path}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "weights").exists()  # refused before writing a checkpoint
+
+
 def _never_calls_the_webhook(request: Request) -> tuple[int, dict]:
     """A Cog-like server that accepts async predictions but never calls the webhook (a remote host)."""
     if request.path.endswith("/cancel"):
