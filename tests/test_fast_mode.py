@@ -37,7 +37,7 @@ from jsd.fast_mode import (
 from jsd.lora_weights import UNET_TARGET_MODULES
 from jsd.manifest import verify_manifest
 from jsd.serving import InputError, read_metadata
-from jsd.tiny import write_tiny_fast_lora
+from jsd.tiny import TINY_FAST_MODE, write_tiny_fast_lora
 
 PROMPT = "夜の東京 油絵"
 FAST = {"prompt": PROMPT, "width": 128, "height": 192, "num_outputs": 1, "seed": 5, "prompt_weighting": False}
@@ -383,4 +383,4 @@ def test_make_demo_gives_the_tiny_checkpoint_a_fast_mode_lora(tiny_checkpoint, t
     old = tmp_path / "weights"
     shutil.copytree(tiny_checkpoint, old)  # a tiny checkpoint written before fast mode existed
     assert demo.ensure_weights(old) == "tiny"
-    assert set(load_fast_loras(old)) == {demo.TINY_FAST_MODE} == {"lcm"}
+    assert set(load_fast_loras(old)) == {TINY_FAST_MODE} == {"lcm"}
