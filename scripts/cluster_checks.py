@@ -114,6 +114,8 @@ class Cluster:
             "PROXY_PORT": str(self.proxy_port),
             "STATS_PORT": str(self.stats_port),
             "DOCKER_HOST": os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"),
+            # vfs copies the whole image (1.7 GB) per container: creating one took over 60 s, Compose's default.
+            "COMPOSE_HTTP_TIMEOUT": os.environ.get("COMPOSE_HTTP_TIMEOUT", "900"),
         }
         self.compose_command = [compose, "--project-name", PROJECT, "--file", str(COMPOSE_FILE)]
         self.url = f"http://127.0.0.1:{self.proxy_port}"

@@ -44,7 +44,7 @@ if [ "$compose" = docker-compose ]; then install_missing docker-compose; fi
 leftovers="$("$DOCKER" ps --all --quiet --filter label=com.docker.compose.project=jsd-cluster-test)"
 if [ -n "$leftovers" ]; then
     # shellcheck disable=SC2086  # one id per word
-    "$DOCKER" rm --force $leftovers > /dev/null
+    "$DOCKER" rm --force $leftovers > /dev/null || log "could not remove all of an earlier run's containers (see above)"
 fi
 
 # ---- 2. jsd:cpu --------------------------------------------------------------------------------------------
