@@ -178,7 +178,13 @@ def ok(status: int, body: dict) -> bool:
 
 
 def check_no_replica_ready(cluster: Cluster) -> str:
-    cluster.wait("the proxy answers", lambda: cluster.stats() is not None, 120)
+    # HAProxy counts a server UP until its checks fail ("fall 2": 2 s): before that, a request finds refused
+    # connections and gets the generic 503 instead (retried on each server, so still at once).
+    cluster.wait(
+        "the proxy counts r1-r4 DOWN",
+        lambda: all(s["status"] == "DOWN" for s in cluster.stats().values() if s["svname"] != "BACKEND"),
+        120,
+    )
     started = time.monotonic()
     status, body, _ = predict(cluster.url, 1)
     seconds = time.monotonic() - started
