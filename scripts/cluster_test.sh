@@ -60,7 +60,7 @@ step=$(date +%s)
 if ! "$DOCKER" image inspect "$proxy_image" > /dev/null 2>&1; then
     debootstrap_image "$proxy_packages" "$proxy_image" "$workdir"
 fi
-log "proxy image $proxy_image ready in $(since "$step") s: $("$DOCKER" run --rm --network none "$proxy_image" haproxy -v | head -1)"
+log "proxy image $proxy_image ready in $(since "$step") s: $("$DOCKER" run --rm --network none "$proxy_image" haproxy -v | sed -n 1p)"
 
 # ---- 4. the checks -----------------------------------------------------------------------------------------
 step=$(date +%s)
