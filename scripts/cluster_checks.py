@@ -11,19 +11,17 @@ client (POST with a body id, webhook, cancel), a replica killed mid-prediction (
 and restarted, and replica 4 never reached. One PASS/FAIL line per check; exit status 1 when any fails. The
 containers are removed at the end whatever happens.
 
-The HTTP calls are the standard library's, on purpose without a 409 retry: a 409 reaching a client is the
-failure this checks. (When jsd.coghttp lands, its client can replace ``call``.)
+The HTTP side is :mod:`jsd.coghttp` (``retry_for=0``: no 409 retry, since a 409 reaching a client is the failure
+this checks), plus ``PUT /predictions/{id}``, which it does not send.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import http.server
 import io
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from container_checks import ALTERED_FILE, FAST, LONG, Docker, Report, cog_local  # this file's folder: sys.path[0]
+from container_checks import ALTERED_FILE, FAST, LONG, Docker, Report  # this file's folder: sys.path[0]
+
+from jsd.coghttp import client
+from jsd.coghttp.errors import error_text
+from jsd.coghttp.webhook import WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "deploy" / "compose.yaml"
@@ -47,55 +49,25 @@ SERVED = "Seeds "  # predict.py logs one "Seeds [...]; returned N image(s)" line
 TAKE_OUT_LIMIT = 5.0  # seconds: the proxy takes a killed replica out within this (observe layer4, else 2 checks)
 
 
-def call(method: str, url: str, body: dict | None = None, *, headers: dict | None = None, timeout: float = 300):
-    """One HTTP request, no retry: (status, JSON body or {"text": ...})."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    for key, value in (headers or {}).items():
-        request.add_header(key, value)
+def put_json(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict]:
+    """``PUT`` with a JSON body (jsd.coghttp sends only POST): (status, JSON answer)."""
+    headers = {"Content-Type": "application/json"} | headers
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, {"text": raw.decode(errors="replace")[:300]}
+        return err.code, json.loads(err.read() or b"{}")
 
 
-class Webhooks:
-    """A webhook receiver on 127.0.0.1: every POSTed prediction body goes to the queue of its id."""
-
-    def __init__(self):
-        self.queues: dict[str, queue.Queue] = {}
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                receiver.queues.setdefault(body.get("id", ""), queue.Queue()).put(body)
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def wait_final(self, prediction_id: str, timeout: float) -> dict:
-        events = self.queues.setdefault(prediction_id, queue.Queue())
-        deadline = time.monotonic() + timeout
-        while True:
-            body = events.get(timeout=max(0.1, deadline - time.monotonic()))
-            if body.get("status") in ("succeeded", "failed", "canceled"):
-                return body
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def wait_final(hooks: WebhookReceiver, prediction_id: str, timeout: float) -> dict:
+    """The prediction's last webhook body (succeeded, failed or canceled)."""
+    events = hooks.expect(prediction_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        body = events.get(timeout=max(0.1, deadline - time.monotonic()))
+        if body.get("status") in client.FINAL_STATUSES:
+            return body
 
 
 class Cluster:
@@ -103,8 +75,8 @@ class Cluster:
 
     def __init__(self, docker: Docker, compose: str, image: str, proxy_image: str):
         self.docker = docker
-        self.ports = {f"REPLICA_PORT_{n}": cog_local.free_port() for n in range(1, 5)}
-        self.proxy_port, self.stats_port = cog_local.free_port(), cog_local.free_port()
+        self.ports = {f"REPLICA_PORT_{n}": client.free_port() for n in range(1, 5)}
+        self.proxy_port, self.stats_port = client.free_port(), client.free_port()
         self.env = {
             **os.environ,
             **{key: str(value) for key, value in self.ports.items()},
@@ -135,7 +107,7 @@ class Cluster:
         return f"http://127.0.0.1:{self.ports['REPLICA_PORT_' + service[-1]]}"
 
     def health(self, service: str) -> str:
-        return cog_local.health(self.replica_url(service)).get("status", "UNREACHABLE")
+        return client.health(self.replica_url(service)).get("status", "UNREACHABLE")
 
     def served(self, service: str) -> int:
         """Predictions the replica ran, from its own log."""
@@ -172,7 +144,8 @@ def predict(url: str, seed: int, inputs: dict = FAST) -> tuple[int, dict, float]
     """``POST /predictions`` through the proxy; its retryable 503 is sent again after 1 s, as Retry-After says."""
     started = time.monotonic()
     for _ in range(3):
-        status, body = call("POST", f"{url}/predictions", {"input": {"prompt": "猫 油絵", "seed": seed, **inputs}})
+        inputs = {"prompt": "猫 油絵", "seed": seed, **inputs}
+        status, body = client.post_prediction(url, inputs, timeout=300, retry_for=0)
         if not (status == 503 and RETRYABLE in body.get("error", "")):
             break
         RETRIED.append(seed)
@@ -218,7 +191,7 @@ def check_load(cluster: Cluster, clients: int = 8, total: int = 24) -> str:
         results = list(pool.map(lambda seed: predict(cluster.url, seed), range(100, 100 + total)))
     statuses = [status for status, _, _ in results]
     assert 409 not in statuses, f"{statuses.count(409)} of {total} clients saw a 409"
-    failed = [(status, cog_local.error_text(status, body)) for status, body, _ in results if not ok(status, body)]
+    failed = [(status, error_text(status, body)) for status, body, _ in results if not ok(status, body)]
     assert not failed, f"{len(failed)} of {total} failed: {failed[:3]}"
     served = {service: cluster.served(service) - before[service] for service in REPLICAS}
     assert sum(served.values()) == total, f"the replicas' logs count {served}, not {total} in all"
@@ -234,38 +207,37 @@ def check_load(cluster: Cluster, clients: int = 8, total: int = 24) -> str:
     )
 
 
-def put_async(cluster: Cluster, hooks: Webhooks, inputs: dict) -> str:
+def put_async(cluster: Cluster, hooks: WebhookReceiver, inputs: dict) -> str:
     """``PUT /predictions/{id}`` with ``Prefer: respond-async`` and a webhook for "completed": the new id."""
     prediction_id = f"cluster-{uuid.uuid4().hex[:12]}"
-    body = {"input": inputs, "webhook": hooks.url, "webhook_events_filter": ["completed"]}
-    url = f"{cluster.url}/predictions/{prediction_id}"
-    status, answer = call("PUT", url, body, headers={"Prefer": "respond-async"})
+    hooks.expect(prediction_id)
+    body = {"input": inputs, "webhook": hooks.url(prediction_id), "webhook_events_filter": ["completed"]}
+    status, answer = put_json(f"{cluster.url}/predictions/{prediction_id}", body, {"Prefer": "respond-async"})
     assert status == 202, f"PUT /predictions/{prediction_id}: HTTP {status} {answer}"
     return prediction_id
 
 
-def check_async_webhook(cluster: Cluster, hooks: Webhooks) -> str:
+def check_async_webhook(cluster: Cluster, hooks: WebhookReceiver) -> str:
     started = time.monotonic()
     prediction_id = put_async(cluster, hooks, {"prompt": "犬", "seed": 7, **FAST})
-    final = hooks.wait_final(prediction_id, 300)
+    final = wait_final(hooks, prediction_id, 300)
     assert final["status"] == "succeeded", f"webhook: {final.get('status')} {final.get('error')}"
     seconds = time.monotonic() - started
     return f"202, then the completed webhook: succeeded, {len(final['output'])} image(s) in {seconds:.1f} s"
 
 
-def check_cancel(cluster: Cluster, hooks: Webhooks) -> str:
+def check_cancel(cluster: Cluster, hooks: WebhookReceiver) -> str:
     prediction_id = put_async(cluster, hooks, {"prompt": "長い", "seed": 8, **LONG})
     running = cluster.wait("a replica BUSY", lambda: any(cluster.health(s) == "BUSY" for s in REPLICAS), 30, 0.1)
     busy = [s for s in REPLICAS if cluster.health(s) == "BUSY"]
-    status, answer = call("POST", f"{cluster.url}/predictions/{prediction_id}/cancel")
-    assert status == 200, f"cancel through the proxy: HTTP {status} {answer} (404: it reached the wrong replica)"
-    final = hooks.wait_final(prediction_id, 120)
+    assert client.cancel(cluster.url, prediction_id), "cancel through the proxy: not 200 (404: the wrong replica)"
+    final = wait_final(hooks, prediction_id, 120)
     assert final["status"] == "canceled", f"webhook after the cancel: {final.get('status')}"
     return f"cancel 200 (the prediction ran on {busy}, busy after {running:.1f} s), webhook: canceled"
 
 
 def check_playground_client(cluster: Cluster) -> str:
-    from jsd.playground.cog_api import CogAPI, WebhookReceiver
+    from jsd.playground.cog_api import CogAPI
 
     receiver = WebhookReceiver()
     try:
@@ -287,7 +259,7 @@ def check_playground_client(cluster: Cluster) -> str:
 
 
 def check_playground_page(cluster: Cluster, python: str) -> str:
-    port = cog_local.free_port()
+    port = client.free_port()
     command = [python, "-m", "jsd", "playground", "--api", cluster.url, "--port", str(port)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -361,7 +333,7 @@ def run(args: argparse.Namespace, workdir: Path) -> Report:
     docker = Docker(args.docker)
     cluster = Cluster(docker, args.compose, args.image, args.proxy_image)
     report = Report()
-    hooks = Webhooks()
+    hooks = WebhookReceiver()
     print(f"proxy {cluster.url}, stats http://127.0.0.1:{cluster.stats_port}/, replicas {cluster.ports}", flush=True)
     try:
         started = time.monotonic()
