@@ -79,8 +79,9 @@ def save_lora(
     text_encoder: torch.nn.Module | None = None,
     *,
     adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
 ) -> tuple[Path, Path]:
-    """Write the peft adapters of ``unet`` (and ``text_encoder``) as ``lora.safetensors`` and its kohya twin.
+    """Write the peft adapters of ``unet`` (and ``text_encoder``) as ``weight_name`` and its kohya twin.
 
     diffusers' calls throughout (train_text_to_image_lora.py): ``get_peft_model_state_dict`` →
     ``convert_state_dict_to_diffusers`` → ``save_lora_weights``; the kohya file is
@@ -104,7 +105,7 @@ def save_lora(
         folder,
         unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(text_layers) if text_layers else None,
-        weight_name=LORA_WEIGHT_NAME,
+        weight_name=weight_name,
         safe_serialization=True,
     )
     peft_layers = {f"unet.{k}": v for k, v in unet_layers.items()} | {
@@ -112,7 +113,7 @@ def save_lora(
     }
     kohya = convert_state_dict_to_kohya(peft_layers)
     save_file({k: v.contiguous() for k, v in kohya.items()}, folder / KOHYA_WEIGHT_NAME)
-    return folder / LORA_WEIGHT_NAME, folder / KOHYA_WEIGHT_NAME
+    return folder / weight_name, folder / KOHYA_WEIGHT_NAME
 
 
 # ---------------------------------------------------------------------------------------- resolving
