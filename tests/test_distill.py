@@ -35,7 +35,7 @@ FLAGS = {
     "--huber_c": "0.5",
     "--timestep_scaling_factor": "4.0",
     "--lora_rank": "3",
-    "--lora_target_modules": "to_q,to_v,conv1",
+    "--lora_target_modules": "proj_in,to_q,to_v,conv1",
 }
 
 
@@ -52,6 +52,15 @@ def run(config: DistillConfig) -> Path:
     finally:
         torch.set_num_threads(threads)
         reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from more threads; on a busy shared CPU, spinning threads make calls 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------ the loss, by hand
@@ -201,7 +210,7 @@ def test_the_output_is_a_unet_only_lora_in_both_formats(distilled, tiny_checkpoi
     ranks = {v.shape[0] for k, v in diffusers_file.items() if "lora_A" in k or "lora.down" in k}
     assert ranks == {int(FLAGS["--lora_rank"])}
     layers = {k.split(".lora")[0].rsplit(".", 1)[-1] for k in diffusers_file}
-    assert layers == {"to_q", "to_v", "conv1"}  # --lora_target_modules, not the default list
+    assert layers == {"proj_in", "to_q", "to_v", "conv1"}  # --lora_target_modules, not the default list
     info = json.loads((distilled.output / "training.json").read_text())
     assert info["settings"]["num_ddim_timesteps"] == 20 and info["steps"] == 3
     assert (distilled.output / "validation").is_dir() and (distilled.run_dir / "validation" / "step-2").is_dir()
