@@ -85,11 +85,13 @@ def final_latents(pipe, scheduler, steps: int, guidance_scale: float, side: int,
     return torch.cat(out).float()
 
 
-def distances(checkpoint: Path, lora_file: Path, *, side: int, w: float, num_ddim_timesteps: int) -> dict:
+def distances(
+    checkpoint: Path, lora_file: Path, *, side: int, w: float, num_ddim_timesteps: int, prediction_type: str
+) -> dict:
     """Mean squared latent distance of the student's and the plain model's 4 steps to the teacher's 25."""
     pipe = load_pipeline(checkpoint, device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    config = dict(pipe.scheduler.config)
+    config = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
     seeds = list(range(len(PROMPTS)))
     teacher = final_latents(pipe, DDIMScheduler.from_config(config), TEACHER_STEPS, 1.0 + w, side, seeds)
     plain = final_latents(pipe, lcm_scheduler(config, num_ddim_timesteps), STUDENT_STEPS, 1.0, side, seeds)
@@ -111,6 +113,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prediction_type",
+        default="v_prediction",
+        choices=("epsilon", "v_prediction"),
+        help="what the random UNet is read as predicting (default v: x0 = a x - s v stays bounded at t = T, where "
+        "a random epsilon model's x0 = (x - s eps) / a is amplified 15x and the ODE is noise)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny tensors gain little from more)")
     return parser.parse_args(argv)
 
@@ -123,11 +132,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "--num_ddim_timesteps", str(args.num_ddim_timesteps), "--w_min", str(args.w_min), "--w_max", str(args.w_max),
         "--lora_rank", str(args.lora_rank), "--resolution", str(args.resolution), "--seed", str(args.seed),
         "--train_batch_size", "4", "--checkpointing_steps", str(args.max_train_steps),
+        "--prediction_type", args.prediction_type,
     ]  # fmt: skip
     lora_file = distill(checkpoint, data, workdir / "lora", flags)
     w = (args.w_min + args.w_max) / 2
     return distances(
-        checkpoint, lora_file, side=args.resolution, w=w, num_ddim_timesteps=args.num_ddim_timesteps
+        checkpoint, lora_file, side=args.resolution, w=w, num_ddim_timesteps=args.num_ddim_timesteps,
+        prediction_type=args.prediction_type,
     ) | {"max_train_steps": args.max_train_steps, "w": w}
 
 
