@@ -78,9 +78,15 @@ def final_latents(pipe, scheduler, steps: int, guidance_scale: float, side: int,
         generator = torch.Generator().manual_seed(seed)
         out.append(
             pipe(
-                prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=side, width=side,
-                generator=generator, output_type="latent", **kwargs,
-            ).images  # fmt: skip
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=side,
+                width=side,
+                generator=generator,
+                output_type="latent",
+                **kwargs,
+            ).images
         )
     return torch.cat(out).float()
 
@@ -137,7 +143,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     lora_file = distill(checkpoint, data, workdir / "lora", flags)
     w = (args.w_min + args.w_max) / 2
     return distances(
-        checkpoint, lora_file, side=args.resolution, w=w, num_ddim_timesteps=args.num_ddim_timesteps,
+        checkpoint,
+        lora_file,
+        side=args.resolution,
+        w=w,
+        num_ddim_timesteps=args.num_ddim_timesteps,
         prediction_type=args.prediction_type,
     ) | {"max_train_steps": args.max_train_steps, "w": w}
 

@@ -1353,7 +1353,9 @@ def compare_fast_mode(ctx: Context, result: StepResult, lora_path: Path) -> None
     scorer = load_scorer(scorer_folder, name="--scorer", device=ctx.device)
     prompts = evaluation.read_prompts()[: ctx.plan.fast_prompts]
     side = ctx.plan.side
-    base = evaluation.EvalSettings(num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE, width=side, height=side)
+    base = evaluation.EvalSettings(
+        num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE, width=side, height=side
+    )
     fast = dataclasses.replace(base, num_inference_steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, scheduler=lcm)
     pipe = ctx.pipeline() if ctx.args.dry_run else serving.load_pipeline(weights, device=ctx.device)
     generator = serving.ImageGenerator(pipe)

@@ -157,7 +157,7 @@ def test_the_loss_is_the_lcm_lora_recipe_computed_by_hand(loss_type):
         hand_computed(x, n, i, wi, k=100, acp=acp, loss_type=loss_type, huber_c=huber_c, scaling=scaling)
         for x, n, i, wi in zip(latents.flatten().tolist(), noise, index, w, strict=True)
     ]
-    assert len(set(index)) > 1 and 0 < min(w) and max(w) < w_max  # the draws differ per example
+    assert len(set(index)) > 1 and min(w) > w_min and max(w) < w_max  # the draws differ per example
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-4)
     assert unet.lora_on  # the LoRA is back on after the teacher's pass
     loss.backward()
@@ -199,7 +199,7 @@ def test_every_distillation_flag_reaches_the_loss(distilled):
     assert (call["w_min"], call["w_max"]) == (2.0, 3.0)
     assert (call["loss_type"], call["huber_c"], call["timestep_scaling"]) == ("l2", 0.5, 4.0)
     assert call["solver"].ddim_timesteps.tolist() == [(i + 1) * 50 - 1 for i in range(20)]  # 1000 / 20 apart
-    assert call["lora_unet"] is not None and not call["lora_unet"].training is False
+    assert call["lora_unet"] is not None and call["unet"] is not None
 
 
 def test_the_output_is_a_unet_only_lora_in_both_formats(distilled, tiny_checkpoint):

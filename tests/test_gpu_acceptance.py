@@ -18,7 +18,8 @@ from repofiles import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
 STEPS = [
-    "weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training", "clip-score", "fast-mode"
+    "weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training", "clip-score",
+    "fast-mode",
 ]  # fmt: skip
 # Claims only a GPU can measure: the dry run must say so, never fake them.
 GPU_ONLY = {

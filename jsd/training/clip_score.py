@@ -205,7 +205,7 @@ class Validator:
 
 
 def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int):
-    """diffusers' ``LCMScheduler`` whose timesteps lie on the distillation's DDIM grid (``original_inference_steps``)."""
+    """diffusers' ``LCMScheduler`` with its timesteps on the distillation's DDIM grid (``original_inference_steps``)."""
     from diffusers import LCMScheduler
 
     return LCMScheduler.from_config(scheduler_config, original_inference_steps=num_ddim_timesteps)

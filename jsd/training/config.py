@@ -249,7 +249,7 @@ def load_overrides(path: str | Path, cls: type[TrainConfig] = TrainConfig) -> di
 def parse_config(
     argv: list[str] | None = None, cls: type[TrainConfig] = TrainConfig, prog: str | None = None
 ) -> TrainConfig:
-    """Defaults < ``--config`` file < command-line flags, validated (``cls``: :class:`DistillConfig` for distillation)."""
+    """Defaults < ``--config`` file < command-line flags, validated (``cls``: :class:`DistillConfig` to distil)."""
     args = vars(build_parser(cls, prog).parse_args(argv))
     overrides = load_overrides(args.pop("config"), cls) if "config" in args else {}
     return cls(**(overrides | args)).validate()
@@ -279,11 +279,15 @@ class DistillConfig(TrainConfig):
     lora_target_modules: str = opt(
         ",".join(LCM_LORA_TARGET_MODULES), "Comma-separated UNet layer names that get LoRA (diffusers' default)."
     )
-    caption_dropout: float = opt(0.0, "Probability of replacing a caption by '' (diffusers' --proportion_empty_prompts).")
+    caption_dropout: float = opt(
+        0.0, "Probability of replacing a caption by '' (diffusers' --proportion_empty_prompts)."
+    )
     num_ddim_timesteps: int = opt(50, "Steps of the DDIM solver the teacher takes (k = 1000 / this apart).")
     w_min: float = opt(5.0, "Lowest guidance scale w drawn per example (LCM's form: the teacher's CFG is 1 + w).")
     w_max: float = opt(15.0, "Highest guidance scale w drawn per example.")
-    loss_type: str = opt("huber", "Consistency loss: 'huber' (pseudo-Huber, LCM-LoRA) or 'l2'.", choices=DISTILL_LOSS_TYPES)
+    loss_type: str = opt(
+        "huber", "Consistency loss: 'huber' (pseudo-Huber, LCM-LoRA) or 'l2'.", choices=DISTILL_LOSS_TYPES
+    )
     huber_c: float = opt(0.001, "The pseudo-Huber loss's c (--loss_type huber).")
     timestep_scaling_factor: float = opt(10.0, "Scales t in the consistency boundary conditions c_skip, c_out.")
     output_dir: str = opt("jsd-lcm-lora", "Where the LoRA (diffusers + kohya files, training.json) is written.")

@@ -149,9 +149,9 @@ def train(config: TrainConfig) -> Path:
     components |= trained
     emas = make_emas(accelerator, trained, config)
     if isinstance(config, DistillConfig):  # the DDIM solver's grid, and the UNet whose LoRA the teacher switches off
-        components["solver"] = distill_step.make_solver(
-            components["noise_scheduler"], config.num_ddim_timesteps
-        ).to(accelerator.device)
+        components["solver"] = distill_step.make_solver(components["noise_scheduler"], config.num_ddim_timesteps).to(
+            accelerator.device
+        )
         components["lora_unet"] = accelerator.unwrap_model(trained["unet"])
 
     # one generator per process for caption dropout, VAE sampling, noise and timesteps; saved in checkpoints
