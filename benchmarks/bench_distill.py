@@ -20,13 +20,13 @@ teacher's 25 steps). tests/test_distill.py asserts the same ratio, on a shorter 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 try:
     import torch
+    from bench_common import write_captioned_images  # benchmarks/ is on sys.path
     from diffusers import DDIMScheduler
 
     from jsd.serving import load_pipeline
@@ -42,19 +42,6 @@ except ModuleNotFoundError as err:  # started by a Python without the project's 
 
 PROMPTS = ["赤い花の写真", "海辺の夕日", "猫が寝ている", "富士山と雲"]
 TEACHER_STEPS, STUDENT_STEPS = 25, 4
-
-
-def write_images(folder: Path, side: int, count: int = 8) -> Path:
-    """Seeded noise images with the prompts as captions (metadata.jsonl)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        Image.effect_noise((side, side), 32 + 8 * i).convert("RGB").save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]}, ensure_ascii=False))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
 
 
 def distill(checkpoint: Path, data: Path, output: Path, flags: list[str]) -> Path:
@@ -132,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     checkpoint = make_checkpoint(workdir / "weights")
-    data = write_images(workdir / "data", args.resolution)
+    data = write_captioned_images(workdir / "data", args.resolution, PROMPTS, count=8, noise_step=8)
     flags = [
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--num_ddim_timesteps", str(args.num_ddim_timesteps), "--w_min", str(args.w_min), "--w_max", str(args.w_max),
