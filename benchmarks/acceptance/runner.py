@@ -48,6 +48,12 @@ class StepResult:
         self.checks.append(Check(name, result, detail))
         return ok
 
+    def skip(self, name: str, line: str) -> None:
+        """Claim ``name`` cannot be measured here: ``line`` says why, printed, as a note and an "n/a" check."""
+        print(line, flush=True)
+        self.notes.append(line)
+        self.check(name, None, line)
+
 
 @dataclass(frozen=True)
 class Step:

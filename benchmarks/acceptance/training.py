@@ -22,9 +22,9 @@ CAPTIONS = ["赤い花の写真", "海辺の夕日", "猫が寝ている", "富�
 
 def step_training(ctx: Context, result: StepResult) -> None:
     """10 stage-2 steps through scripts/train.py (the stage-2 recipe), then Predictor.setup() on the output."""
-    ctx.release()
     from bench_common import write_captioned_images
 
+    ctx.release()
     data = write_captioned_images(
         ctx.workdir / "train-data", ctx.plan.train_resolution, CAPTIONS, count=4, noise_step=16
     )
