@@ -9,12 +9,20 @@ samples the same prompts and seeds three ways, side by side in one run:
 
 - teacher: the checkpoint, DDIM, 25 steps, classifier-free guidance 1 + w (w the middle of [w_min, w_max],
   the LCM form the distillation uses);
-- student: the checkpoint + the distilled LoRA, diffusers' ``LCMScheduler``, 4 steps, guidance 1;
-- plain: the checkpoint without the LoRA, the same ``LCMScheduler``, 4 steps, guidance 1.
+- student: the checkpoint + the distilled LoRA, diffusers' ``LCMScheduler``, 1, 2 and 4 steps, guidance 1;
+- plain: the checkpoint without the LoRA, the same ``LCMScheduler`` and steps, guidance 1.
 
 It prints the mean squared distance of the final latents of the student and of the plain model to the
-teacher's, and their ratio (student / plain; below 1: the distillation moved the 4-step output toward the
-teacher's 25 steps). tests/test_distill.py asserts the same ratio, on a shorter run, below its stated margin.
+teacher's, and their ratio (student / plain; below 1: the distillation moved the output toward the
+teacher's 25 steps). The random UNet is read as a v-prediction model (``--prediction_type``): read as
+epsilon, its x0 = (x - s eps) / a at t = 999 is amplified 15x and every sampler's output is noise of
+variance ~300. tests/test_distill.py asserts the 1-step ratio, on a shorter run, below its stated margin.
+
+Measured (2-core shared CPU, defaults: 40 steps): 1 step 0.80, 2 steps 1.17, 4 steps 1.20. One consistency
+step lands closer to the teacher's ODE end point; several do not, on random weights: LCM sampling re-noises
+the estimate with fresh noise between steps, and without a data manifold for the estimates to settle on, the
+end point drifts away from the teacher's deterministic one. The 4-step claim needs a model that has learnt
+something (the toy-world checkpoint, issue 22).
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ except ModuleNotFoundError as err:  # started by a Python without the project's 
     raise SystemExit(venv_hint(err)) from None
 
 PROMPTS = ["赤い花の写真", "海辺の夕日", "猫が寝ている", "富士山と雲"]
-TEACHER_STEPS, STUDENT_STEPS = 25, 4
+TEACHER_STEPS = 25
+STUDENT_STEPS = (1, 2, 4)  # LCM steps compared (fast mode samples 4)
 
 
 def distill(checkpoint: Path, data: Path, output: Path, flags: list[str]) -> Path:
@@ -79,32 +88,48 @@ def final_latents(pipe, scheduler, steps: int, guidance_scale: float, side: int,
 
 
 def distances(
-    checkpoint: Path, lora_file: Path, *, side: int, w: float, num_ddim_timesteps: int, prediction_type: str
-) -> dict:
-    """Mean squared latent distance of the student's and the plain model's 4 steps to the teacher's 25."""
+    checkpoint: Path,
+    lora_file: Path,
+    *,
+    side: int,
+    w: float,
+    num_ddim_timesteps: int,
+    prediction_type: str,
+    steps: tuple[int, ...] = STUDENT_STEPS,
+) -> dict[int, dict[str, float]]:
+    """Per LCM step count: the mean squared latent distance of the student and of the plain model to the teacher."""
     pipe = load_pipeline(checkpoint, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     config = dict(pipe.scheduler.config) | {"prediction_type": prediction_type}
     seeds = list(range(len(PROMPTS)))
     teacher = final_latents(pipe, DDIMScheduler.from_config(config), TEACHER_STEPS, 1.0 + w, side, seeds)
-    plain = final_latents(pipe, lcm_scheduler(config, num_ddim_timesteps), STUDENT_STEPS, 1.0, side, seeds)
+
+    def lcm(count: int) -> torch.Tensor:
+        return final_latents(pipe, lcm_scheduler(config, num_ddim_timesteps), count, 1.0, side, seeds)
+
+    plain = {count: lcm(count) for count in steps}
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="distilled")
-    student = final_latents(pipe, lcm_scheduler(config, num_ddim_timesteps), STUDENT_STEPS, 1.0, side, seeds)
-    pipe.unload_lora_weights()
-    student_mse = torch.mean((student - teacher) ** 2).item()
-    plain_mse = torch.mean((plain - teacher) ** 2).item()
-    return {"student_mse": student_mse, "plain_mse": plain_mse, "ratio": student_mse / plain_mse}
+    try:
+        student = {count: lcm(count) for count in steps}
+    finally:
+        pipe.unload_lora_weights()
+    out = {}
+    for count in steps:
+        student_mse = torch.mean((student[count] - teacher) ** 2).item()
+        plain_mse = torch.mean((plain[count] - teacher) ** 2).item()
+        out[count] = {"student_mse": student_mse, "plain_mse": plain_mse, "ratio": student_mse / plain_mse}
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max_train_steps", type=int, default=120)
+    parser.add_argument("--max_train_steps", type=int, default=40)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--num_ddim_timesteps", type=int, default=10)
-    parser.add_argument("--w_min", type=float, default=2.0)
-    parser.add_argument("--w_max", type=float, default=4.0)
+    parser.add_argument("--num_ddim_timesteps", type=int, default=4)
+    parser.add_argument("--w_min", type=float, default=0.0)
+    parser.add_argument("--w_max", type=float, default=1.0)
     parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--prediction_type",
@@ -136,7 +161,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         w=w,
         num_ddim_timesteps=args.num_ddim_timesteps,
         prediction_type=args.prediction_type,
-    ) | {"max_train_steps": args.max_train_steps, "w": w}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="jsd-bench-distill-") as tmp:
         result = run(args, Path(tmp))
+    w = (args.w_min + args.w_max) / 2
     print(
-        f"after {result['max_train_steps']} distillation steps: latent MSE to the teacher's {TEACHER_STEPS} steps "
-        f"(guidance {1 + result['w']:g}): student {result['student_mse']:.4f}, plain {result['plain_mse']:.4f} "
-        f"({STUDENT_STEPS} LCM steps each); ratio student / plain {result['ratio']:.3f}"
+        f"after {args.max_train_steps} distillation steps; latent MSE to the teacher's {TEACHER_STEPS} DDIM steps "
+        f"(guidance {1 + w:g}), {len(PROMPTS)} prompts at fixed seeds:"
     )
+    for count, row in result.items():
+        print(
+            f"  {count} LCM step(s): student {row['student_mse']:.4f}, plain {row['plain_mse']:.4f}, "
+            f"ratio student / plain {row['ratio']:.3f}"
+        )
     return 0
 
 

@@ -206,6 +206,10 @@ class Validator:
 
 def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int):
     """diffusers' ``LCMScheduler`` with its timesteps on the distillation's DDIM grid (``original_inference_steps``)."""
+    import inspect
+
     from diffusers import LCMScheduler
 
-    return LCMScheduler.from_config(scheduler_config, original_inference_steps=num_ddim_timesteps)
+    known = inspect.signature(LCMScheduler.__init__).parameters  # PNDM's skip_prk_steps would only be warned about
+    config = {key: value for key, value in scheduler_config.items() if key in known}
+    return LCMScheduler.from_config(config, original_inference_steps=num_ddim_timesteps)
