@@ -53,6 +53,11 @@ TEACHER_STEPS = 25
 STUDENT_STEPS = (1, 2, 4)  # LCM steps compared (fast mode samples 4)
 
 
+def write_images(folder: Path, side: int, count: int = 8) -> Path:
+    """Seeded noise images with the prompts as captions (metadata.jsonl)."""
+    return write_captioned_images(folder, side, PROMPTS, count=count, noise_step=8)
+
+
 def distill(checkpoint: Path, data: Path, output: Path, flags: list[str]) -> Path:
     """``jsd distill`` in this process; returns the LoRA file."""
     argv = ["--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(data)]
@@ -144,7 +149,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
     checkpoint = make_checkpoint(workdir / "weights")
-    data = write_captioned_images(workdir / "data", args.resolution, PROMPTS, count=8, noise_step=8)
+    data = write_images(workdir / "data", args.resolution)
     flags = [
         "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
         "--num_ddim_timesteps", str(args.num_ddim_timesteps), "--w_min", str(args.w_min), "--w_max", str(args.w_max),
