@@ -18,7 +18,7 @@ teacher's 25 steps). The random UNet is read as a v-prediction model (``--predic
 epsilon, its x0 = (x - s eps) / a at t = 999 is amplified 15x and every sampler's output is noise of
 variance ~300. tests/test_distill.py asserts the 1-step ratio, on a shorter run, below its stated margin.
 
-Measured (2-core shared CPU, defaults: 40 steps): 1 step 0.80, 2 steps 1.17, 4 steps 1.20. One consistency
+Measured (2-core shared CPU, defaults: 40 steps): 1 step 0.78, 2 steps 1.18, 4 steps 1.20. One consistency
 step lands closer to the teacher's ODE end point; several do not, on random weights: LCM sampling re-noises
 the estimate with fresh noise between steps, and without a data manifold for the estimates to settle on, the
 end point drifts away from the teacher's deterministic one. The 4-step claim needs a model that has learnt

@@ -16,7 +16,7 @@ from acceptance.plan import PROMPT, REPO
 from acceptance.runner import Step, StepResult
 
 FAST_STEPS, FAST_GUIDANCE = 4, 1.0  # diffusers' LCM-LoRA settings: LCMScheduler, 4 steps, guidance 1
-BASE_STEPS, BASE_GUIDANCE = 25, 7.5  # the served default
+BASE_GUIDANCE = 7.5  # the served default (with plan.fast_base_steps, 25 on a GPU)
 FAST_GOAL_T4_S = 0.5  # issue 23's goal: at most 0.5 s per 512² image at 4 steps on a T4
 FAST_PROBE_RANK = 64  # LCM-LoRA's rank (latent-consistency/lcm-lora-sdv1-5; diffusers' --lora_rank default)
 
@@ -48,18 +48,18 @@ def step_fast_mode(ctx: Context, result: StepResult) -> None:
         "fast_s": round(fast_s, 3),
         "fast": f"LCM, {FAST_STEPS} steps, guidance {FAST_GUIDANCE:g}, with the LoRA",
         "base_s": round(base_s, 3),
-        "base": f"DPM-Solver++ 2M, {BASE_STEPS} steps, guidance {BASE_GUIDANCE:g}",
+        "base": f"DPM-Solver++ 2M, {ctx.plan.fast_base_steps} steps, guidance {BASE_GUIDANCE:g}",
         "speed_up": round(base_s / fast_s, 2),
     }
     detail = f"{fast_s:.3f} s against {base_s:.3f} s ({base_s / fast_s:.1f}×)"
     if ctx.cuda:
-        result.check(f"{FAST_STEPS} fast steps faster than {BASE_STEPS} steps", fast_s < base_s, detail)
+        result.check(f"{FAST_STEPS} fast steps faster than {ctx.plan.fast_base_steps}", fast_s < base_s, detail)
         gpu = torch_gpu_name()
         goal = f"{FAST_STEPS}-step 512² image <= {FAST_GOAL_T4_S} s on a T4"
         ok = fast_s <= FAST_GOAL_T4_S if "T4" in gpu else None
         result.check(goal, ok, f"{fast_s:.3f} s on {gpu}" + ("" if ok is not None else " (the goal is a T4's)"))
     else:
-        result.check(f"{FAST_STEPS} fast steps faster than {BASE_STEPS} steps", None, f"n/a on CPU: {detail}")
+        result.check(f"{FAST_STEPS} fast steps faster than {ctx.plan.fast_base_steps}", None, f"n/a on CPU: {detail}")
     compare_fast_mode(ctx, result, lora_path)
 
 
@@ -76,7 +76,7 @@ def fast_mode_call(ctx: Context, pipe, base_scheduler, fast: bool) -> float:
     start = time.perf_counter()
     pipe(
         PROMPT,
-        num_inference_steps=FAST_STEPS if fast else BASE_STEPS,
+        num_inference_steps=FAST_STEPS if fast else ctx.plan.fast_base_steps,
         guidance_scale=FAST_GUIDANCE if fast else BASE_GUIDANCE,
         height=ctx.plan.side,
         width=ctx.plan.side,
@@ -159,12 +159,14 @@ def compare_fast_mode(ctx: Context, result: StepResult, lora_path: Path) -> None
     prompts = evaluation.read_prompts()[: ctx.plan.fast_prompts]
     side = ctx.plan.side
     base = evaluation.EvalSettings(
-        num_inference_steps=BASE_STEPS, guidance_scale=BASE_GUIDANCE, width=side, height=side
+        num_inference_steps=ctx.plan.fast_base_steps, guidance_scale=BASE_GUIDANCE, width=side, height=side
     )
     fast = dataclasses.replace(base, num_inference_steps=FAST_STEPS, guidance_scale=FAST_GUIDANCE, scheduler=lcm)
     pipe = ctx.pipeline() if ctx.args.dry_run else serving.load_pipeline(weights, device=ctx.device)
     generator = serving.ImageGenerator(pipe)
-    rows_base = evaluation.evaluate_arm(evaluation.Arm(f"{BASE_STEPS} steps", generator), scorer, prompts, base)
+    rows_base = evaluation.evaluate_arm(
+        evaluation.Arm(f"{base.num_inference_steps} steps", generator), scorer, prompts, base
+    )
     generator.set_default_lora(str(lora_path), name="--fast-lora")
     try:
         arm = evaluation.Arm(f"fast mode, {FAST_STEPS} steps", generator)
@@ -172,7 +174,11 @@ def compare_fast_mode(ctx: Context, result: StepResult, lora_path: Path) -> None
     finally:
         generator.set_default_lora(None)
     report = evaluation.Evaluation(
-        base, [evaluation.ArmResult(f"{BASE_STEPS} steps", rows_base), evaluation.ArmResult(arm.label, rows_fast)]
+        base,
+        [
+            evaluation.ArmResult(f"{base.num_inference_steps} steps", rows_base),
+            evaluation.ArmResult(arm.label, rows_fast),
+        ],
     )
     difference = report.difference
     result.figures["fast_mode_paired"] = {

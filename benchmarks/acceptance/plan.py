@@ -27,6 +27,7 @@ class Plan:
     clip_prompts: int | None  # how many of the held-out prompts step 8 scores (None: all 50)
     clip_steps: int  # denoising steps of its images
     fast_repeats: int  # timed calls per arm of step 9 (fast mode), interleaved
+    fast_base_steps: int  # the steps fast mode is timed against (the served 25; fewer in the dry run)
     fast_prompts: int | None  # held-out prompts step 9 pairs (4 fast steps against 25; None: all 50)
     budgets: dict[str, float]
     compile_kwargs: dict | None = None  # None: jsd.optimize's own (the production setting)
@@ -43,6 +44,7 @@ GPU_PLAN = Plan(
     clip_prompts=None,
     clip_steps=10,  # 50 images at 512²: the scores are of random weights anyway; the path and the time count
     fast_repeats=3,
+    fast_base_steps=25,
     fast_prompts=10,  # with real weights: 10 × (25 + 4 steps) fits the step's hard limit on a T4
     budgets={
         "weights": 40,
@@ -71,6 +73,7 @@ DRY_RUN_PLAN = Plan(
     clip_prompts=8,
     clip_steps=2,
     fast_repeats=1,
+    fast_base_steps=6,  # the dry run checks the path; 25 tiny steps on a busy CPU cost ~15 s
     fast_prompts=2,
     # what a busy 2-core CI host takes (four Python processes start: each imports torch and diffusers)
     budgets={
