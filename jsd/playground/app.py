@@ -97,6 +97,40 @@ PAGE_JS = """() => {
   document.addEventListener("click", (event) => {
     if (event.target.closest?.("#generate")) document.querySelector("#drop-message")?.remove();
   }, true);
+  // Gradio's English outside its translation tables (tooltips, aria-labels), in Japanese for a Japanese browser.
+  if (!(navigator.language || "").toLowerCase().startsWith("ja")) return;
+  const fixed = %(fixed)s;
+  const patterns = %(patterns)s.map(([source, target]) => [new RegExp(source), target]);
+  const japanese = (text) => {
+    const key = text.trim();
+    if (fixed[key]) return text.replace(key, fixed[key]);
+    for (const [pattern, target] of patterns) if (pattern.test(key)) return key.replace(pattern, target);
+    return text;
+  };
+  const translate = (root) => {
+    const labelled = "[title], [aria-label], [placeholder], [alt]";
+    const elements = root.querySelectorAll ? [root, ...root.querySelectorAll(labelled)] : [];
+    for (const el of elements) {
+      for (const attr of ["title", "aria-label", "placeholder", "alt"]) {
+        const value = el.getAttribute?.(attr);
+        if (value && japanese(value) !== value) el.setAttribute(attr, japanese(value));
+      }
+    }
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      if (node.parentElement?.closest("textarea, input, #message, #history, #token-report")) continue;
+      const text = japanese(node.textContent);
+      if (text !== node.textContent) node.textContent = text;
+    }
+  };
+  translate(document.body);
+  new MutationObserver((records) => {
+    for (const record of records) {
+      const target = record.type === "characterData" ? record.target.parentElement : record.target;
+      if (target) translate(target);
+    }
+  }).observe(document.body, { subtree: true, childList: true, characterData: true, attributes: true,
+    attributeFilter: ["title", "aria-label", "placeholder", "alt"] });
 }"""
 
 
@@ -474,6 +508,15 @@ class Playground:
         return items
 
 
+def page_js() -> str:
+    """The page's script with its words filled in (JSON: the script reads them as literals)."""
+    return PAGE_JS % {
+        "words": json.dumps(drop_words(), ensure_ascii=False),
+        "fixed": json.dumps(i18n.GRADIO_FIXED_JA, ensure_ascii=False),
+        "patterns": json.dumps(i18n.GRADIO_PATTERNS_JA, ensure_ascii=False),
+    }
+
+
 def drop_words() -> dict[str, str]:
     """The refusal of a non-image file in the image editor, for the page's script (``{file}`` filled there)."""
     return {lang: i18n.message(lang, "drop_not_image", file="{file}") for lang in i18n.MESSAGES}
@@ -606,7 +649,7 @@ def serve(*, api_url: str | None, weights: str, port: int, setup_timeout: float 
                 quiet=True,
                 i18n=I18N,
                 theme=theme,
-                js=PAGE_JS % {"words": json.dumps(drop_words())},
+                js=page_js(),
                 allowed_paths=[str(outputs)],
                 footer_links=[],
             )

@@ -100,7 +100,7 @@ FIELD_LABELS: dict[str, dict[str, str]] = {
     "ja": {
         "prompt": "プロンプト",
         "negative_prompt": "ネガティブプロンプト",
-        "prompt_weighting": "強調記法 (text:1.3)",
+        "prompt_weighting": "強調記法 (テキスト:1.3)",
         "width": "幅",
         "height": "高さ",
         "num_outputs": "枚数",
@@ -186,11 +186,40 @@ GRADIO_JA: dict[str, str] = {
     }.items()
 } | {
     "common.download_all": "すべてダウンロード",
+    "common.complete": "完了",  # the status tracker announces it; no Gradio table has it
     "common.runs": "実行",
     "common.progress": "進行状況",
     "common.record": "録音",
     "common.stop_recording": "録音を停止",
 }
+
+# Gradio's words written into its components in English, outside its translation tables (aria-labels, tooltips):
+# the page's script puts these in their place in a Japanese browser (app.PAGE_JS), as exact texts or patterns.
+GRADIO_FIXED_JA: dict[str, str] = {
+    "Click to upload or drop files": "クリックしてアップロード、またはファイルをドロップ",
+    "Close": "閉じる",
+    "Fullscreen": "全画面表示",
+    "Exit fullscreen mode": "全画面表示を終了",
+    "Exit fullscreen": "全画面表示を終了",
+    "Reset to default value": "初期値に戻す",
+    "detailed view of selected image": "選んだ画像の拡大表示",
+    "undo": "元に戻す",
+    "Undo": "元に戻す",
+    "Redo": "やり直す",
+    "Download": "ダウンロード",
+    "Share": "共有",
+    "Clear": "クリア",
+    "Remove": "削除",
+    "Copy": "コピー",
+    "Copied": "コピーしました",
+    "Error": "エラー",
+}
+GRADIO_PATTERNS_JA: list[tuple[str, str]] = [
+    (r"^Thumbnail (\d+) of (\d+)$", "サムネイル $1 / $2"),
+    (r"^number input for (.*)$", "$1 の数値入力"),
+    (r"^range slider for (.*)$", "$1 のスライダー"),
+    (r"^Select (.*)$", "$1 を選ぶ"),
+]
 
 # The server's English errors, in Japanese: (pattern, template with the pattern's groups). jsd.serving and
 # coglet write them; an error no pattern matches is shown as ``error_input`` around the server's own words.
