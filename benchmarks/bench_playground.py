@@ -18,7 +18,6 @@ there) first, then this checkout's, one after the other in the same run, and pri
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
 import re
@@ -33,21 +32,15 @@ from pathlib import Path
 try:
     from playwright.sync_api import sync_playwright
 
-    from jsd.playground import CHROMIUM_FLAGS
+    from jsd.coghttp import client
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
 
     raise SystemExit(venv_hint(err)) from None
+from _chromium import CHROMIUM_FLAGS  # this file's folder is sys.path[0]
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
-
-
-def _cog_local():
-    spec = importlib.util.spec_from_file_location("cog_local", REPO / "scripts" / "cog_local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def start_playground(weights: Path, port: int, log_path: Path, repo: Path = REPO) -> tuple[subprocess.Popen, str]:
@@ -123,8 +116,7 @@ def export(ref: str, folder: Path) -> Path:
 
 def measure(browser, repo: Path, weights: Path, settings: dict, rounds: int, tmp: Path) -> dict[str, list[float]]:
     """Page loads, generations through the page and the same requests straight to the API, for ``repo``'s playground."""
-    cog_local = _cog_local()
-    port = cog_local.free_port()
+    port = client.free_port()
     process, api = start_playground(weights, port, tmp / f"playground-{port}.log", repo)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -135,12 +127,12 @@ def measure(browser, repo: Path, weights: Path, settings: dict, rounds: int, tmp
         page.wait_for_selector("#generate:enabled")
         fill(page, settings)
         through_page(page, settings)  # warm-up: the first prediction pays for lazy imports
-        cog_local.post_prediction(api, settings)
+        client.post_prediction(api, settings)
         ui, direct = [], []
         for _ in range(rounds):
             ui.append(through_page(page, settings))
             start = time.perf_counter()
-            status, body = cog_local.post_prediction(api, settings)
+            status, body = client.post_prediction(api, settings)
             direct.append(time.perf_counter() - start)
             assert status == 200 and body["status"] == "succeeded", body
         page.close()

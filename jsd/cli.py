@@ -168,16 +168,16 @@ def _process_state(device: str | None):
     import torch
     from accelerate import PartialState
 
-    # CPU processes need cpu=True, or accelerate looks for GPUs (docs: design.md, accelerate on CPU)
+    # CPU processes need cpu=True, or accelerate looks for GPUs
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def _scorer_folder(args: argparse.Namespace) -> tuple[Path, str]:
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
     if args.scorer is not None:
         return args.scorer, "--scorer"
-    return Path(args.weights) / SCORER_FOLDER, f"--weights {args.weights}: its {SCORER_FOLDER}/"
+    return scorer_folder(args.weights), f"--weights {args.weights}: its {SCORER_FOLDER}/"
 
 
 def cmd_filter_data(args: argparse.Namespace) -> None:

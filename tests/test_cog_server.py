@@ -15,6 +15,7 @@ import sentencepiece
 from cogserver import cog_local, cog_server
 from PIL import Image
 
+from jsd.coghttp import client, local
 from jsd.serving import read_metadata
 
 pytestmark = pytest.mark.slow
@@ -250,11 +251,11 @@ def test_cog_local_predict_builds_the_schema_once_and_serves_that_one(tmp_path, 
     schema = {"components": {"schemas": {"Input": {"properties": {"prompt": {"type": "string"}}}}}}
     built, sent = [], []
     monkeypatch.setattr(cog_local, "REPO", tmp_path)
-    monkeypatch.setattr(cog_local, "openapi_schema", lambda *args: built.append(args) or schema)
-    monkeypatch.setattr(cog_local.subprocess, "Popen", lambda *args, **kwargs: object())
-    monkeypatch.setattr(cog_local, "stop_server", lambda process: None)
-    monkeypatch.setattr(cog_local, "wait_for_setup", lambda url, process, timeout: {"status": "READY"})
-    monkeypatch.setattr(cog_local, "_predict_at", lambda url, inputs, args: sent.append(inputs) or 0)
+    monkeypatch.setattr(local, "openapi_schema", lambda *args, **kwargs: built.append(args) or schema)
+    monkeypatch.setattr(local.subprocess, "Popen", lambda *args, **kwargs: object())
+    monkeypatch.setattr(local, "stop_server", lambda process: None)
+    monkeypatch.setattr(client, "wait_for_setup", lambda url, process, timeout: {"status": "READY"})
+    monkeypatch.setattr(cog_local, "_job_at", lambda url, inputs, args, train: sent.append(inputs) or 0)
 
     assert cog_local.main(["predict", "-i", "prompt=猫", "--weights", str(tmp_path / "weights")]) == 0
     assert len(built) == 1 and sent == [{"prompt": "猫"}]
@@ -265,4 +266,4 @@ def test_wait_for_setup_without_time_left_raises_a_timeout():
     with pytest.raises(
         TimeoutError, match=r"did not finish setup within 0 s \(last health: \{'status': 'not polled'\}\)"
     ):
-        cog_local.wait_for_setup("http://127.0.0.1:9", None, 0)
+        client.wait_for_setup("http://127.0.0.1:9", None, 0)

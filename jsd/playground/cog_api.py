@@ -1,55 +1,38 @@
-"""The playground's side of Cog's HTTP API: schema, health, predictions (async with a webhook, or sync), cancel.
+"""The playground's session over a Cog server: async predictions with a webhook (or sync), per-session cancel.
 
-Cog's protocol, as coglet 0.23 serves it (docs/serving.md, design.md):
-
-- ``POST /predictions`` with ``Prefer: respond-async``, a client-chosen ``id``, a ``webhook`` URL and
-  ``webhook_events_filter`` answers 202 at once; coglet then POSTs the whole prediction object to the
-  webhook on ``start``, on new ``logs`` (diffusers' progress bar, ``3/10 [...]``, is in them) and on
-  ``completed``. ``GET /predictions/{id}`` is 405: the webhook is the only way to learn the result.
-- ``POST /predictions/{id}/cancel`` stops it between two denoising steps (status ``canceled``).
-- 409: another prediction holds the slot (retried by ``cog_local.post_json_with_retry``); 422:
-  ``detail[].loc/msg``; an exception in ``run()``: 200 with ``status: failed`` and coglet's wrapped
-  ``error`` (``cog_local.clean_error``).
-
-A server that cannot reach the webhook (a remote deployment: the receiver listens on 127.0.0.1 only)
-gets a synchronous request instead, and the page shows progress without steps.
+The protocol itself (requests, 409 retries, error text, the webhook receiver) is :mod:`jsd.coghttp`'s. A server
+that cannot reach the webhook (a remote deployment: the receiver listens on 127.0.0.1 only) gets a synchronous
+request instead, and the page shows progress without steps.
 """
 
 from __future__ import annotations
 
-import http.server
-import importlib.util
-import json
 import queue
 import re
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 
-REPO = Path(__file__).resolve().parents[2]
-WEBHOOK_EVENTS = ["start", "output", "logs", "completed"]
+from jsd.coghttp import client
+from jsd.coghttp.client import FINAL_STATUSES, is_loopback
+from jsd.coghttp.errors import error_text
+from jsd.coghttp.webhook import WebhookReceiver
+
+__all__ = [
+    "CogAPI",
+    "Outcome",
+    "PlaygroundError",
+    "ServerGone",
+    "ServerStarting",
+    "WebhookReceiver",
+    "is_loopback",
+    "step_of",
+]
+
 # tqdm's bar as diffusers prints it into the logs: " 30%|███       | 3/10 [00:01<00:02, ...]"
 _STEP = re.compile(r"(\d+)/(\d+) \[")
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-def _load_cog_local() -> ModuleType:
-    """``scripts/cog_local.py`` (not a package: loaded by path, as the tests do) for its retry and error helpers."""
-    path = REPO / "scripts" / "cog_local.py"
-    spec = importlib.util.spec_from_file_location("cog_local", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cog_local = _load_cog_local()
 
 
 class PlaygroundError(Exception):
@@ -72,74 +55,14 @@ class Outcome:
         return self.body.get("status") == "canceled"
 
     def error_text(self) -> str:
-        """One line naming the input: a 422's ``detail`` as ```name`: msg``, else the cleaned ``error``."""
-        detail = self.body.get("detail")
-        if self.http_status == 422 and isinstance(detail, list):
-            text = "; ".join(f"`{d.get('loc', ['?'])[-1]}`: {d.get('msg')}" for d in detail)
-            return cog_local.shorten_echoes(text)  # a 2,000-character prompt is quoted whole before the reason
-        return cog_local.error_text(self.http_status, self.body)
-
-    def input_names(self) -> list[str]:
-        """The inputs a 422 names (``detail[].loc``), for the page to say which field is wrong."""
-        detail = self.body.get("detail")
-        if not isinstance(detail, list):
-            return []
-        return [str(d.get("loc", ["?"])[-1]) for d in detail if isinstance(d, dict)]
+        """One line naming the input: a 422's ```name`: msg``, else the cleaned ``error``."""
+        return error_text(self.http_status, self.body)
 
 
 def step_of(logs: str) -> tuple[int, int] | None:
     """The last ``(step, total)`` of the progress bar in a prediction's logs, or None before the first step."""
     matches = _STEP.findall(logs or "")
     return (int(matches[-1][0]), int(matches[-1][1])) if matches else None
-
-
-class WebhookReceiver:
-    """An HTTP server on 127.0.0.1 (a free port) that hands coglet's webhook calls to the waiting prediction."""
-
-    def __init__(self) -> None:
-        self._queues: dict[str, queue.Queue] = {}
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length))
-                except json.JSONDecodeError:
-                    body = None
-                self.send_response(200 if isinstance(body, dict) else 400)
-                self.end_headers()
-                if isinstance(body, dict):
-                    receiver._deliver(self.path.rsplit("/", 1)[-1], body)
-
-            def log_message(self, *args) -> None:  # the page shows what matters; no access log on stderr
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url(self, prediction_id: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/webhook/{prediction_id}"
-
-    def expect(self, prediction_id: str) -> queue.Queue:
-        with self._lock:
-            return self._queues.setdefault(prediction_id, queue.Queue())
-
-    def forget(self, prediction_id: str) -> None:
-        with self._lock:
-            self._queues.pop(prediction_id, None)
-
-    def _deliver(self, prediction_id: str, body: dict) -> None:
-        with self._lock:
-            target = self._queues.get(prediction_id)
-        if target is not None:
-            target.put(body)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class ServerGone(PlaygroundError):
@@ -155,7 +78,11 @@ CANCELED = Outcome(200, {"status": "canceled"})  # a request canceled before the
 
 @dataclass
 class CogAPI:
-    """A Cog server at ``url``. ``webhook``: a receiver the server can reach (async predictions), or None (sync)."""
+    """A Cog server at ``url``. ``webhook``: a receiver the server can reach (async predictions), or None (sync).
+
+    Its protocol-level parts (waiting for a starting server, health between events, waiting for the slot with
+    Cancel) are the methods :meth:`schema_when_ready`, :meth:`next_event` and :meth:`submit_when_free`.
+    """
 
     url: str
     webhook: WebhookReceiver | None = None
@@ -176,18 +103,11 @@ class CogAPI:
     def schema(self) -> dict:
         """``GET /openapi.json``; :class:`ServerStarting` on 503, :class:`PlaygroundError` when it is not Cog."""
         try:
-            with urllib.request.urlopen(f"{self.url}/openapi.json", timeout=30) as response:
-                document = json.load(response)
-        except urllib.error.HTTPError as err:
-            if err.code == 503:
+            return client.fetch_schema(self.url)
+        except client.CogServerError as err:
+            if "HTTP 503" in str(err):
                 raise ServerStarting(f"{self.url} is starting (HTTP 503)") from None
-            raise PlaygroundError(f"{self.url}/openapi.json answered HTTP {err.code}: is this a Cog server?") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-            reason = getattr(err, "reason", err)
-            raise PlaygroundError(f"no server answers at {self.url} ({reason})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PlaygroundError(f"{self.url}/openapi.json is not JSON: is this a Cog server?") from None
-        return document
+            raise PlaygroundError(str(err)) from None
 
     def schema_when_ready(self, timeout: float, log: Callable[[str], None], poll: float = 1.0) -> dict:
         """:meth:`schema`, waiting up to ``timeout`` s for a server that is still starting (503: loading weights).
@@ -212,7 +132,7 @@ class CogAPI:
 
     def health(self) -> dict:
         """``GET /health-check`` (``{"status": "UNREACHABLE"}`` when nothing answers)."""
-        return cog_local.health(self.url)
+        return client.health(self.url)
 
     def predict(
         self,
@@ -256,11 +176,9 @@ class CogAPI:
         """``POST /predictions``, sent again while the server answers 409 (another prediction holds its one slot)
         for up to :attr:`timeout` s; a Cancel while waiting returns :data:`CANCELED` and nothing runs."""
         deadline = time.monotonic() + self.timeout
-        backoff = 0.05
+        backoff = client.FIRST_BACKOFF
         while True:
-            status, answer = cog_local.post_json_with_retry(
-                self.url, "/predictions", body, timeout, retry_for=0, headers=headers
-            )
+            status, answer = client.post_json(self.url, "/predictions", body, timeout, retry_for=0, headers=headers)
             if status != 409 or time.monotonic() >= deadline:
                 return status, answer
             on_wait()
@@ -284,7 +202,7 @@ class CogAPI:
                 "id": prediction_id,
                 "input": inputs,
                 "webhook": webhook.url(prediction_id),
-                "webhook_events_filter": WEBHOOK_EVENTS,
+                "webhook_events_filter": client.WEBHOOK_EVENTS,
             }
             status, answer = self.submit_when_free(
                 body, canceled, on_wait, timeout=30, headers={"Prefer": "respond-async"}
@@ -303,7 +221,7 @@ class CogAPI:
                     raise PlaygroundError(f"no answer from {self.url} within {self.timeout:.0f} s") from None
                 first = False
                 on_event(event)
-                if event.get("status") in ("succeeded", "failed", "canceled"):
+                if event.get("status") in FINAL_STATUSES:
                     return Outcome(200, event)
         finally:
             webhook.forget(prediction_id)
@@ -350,22 +268,8 @@ class CogAPI:
             self._post_cancel(prediction_id)
 
     def _post_cancel(self, prediction_id: str) -> bool:
-        request = urllib.request.Request(
-            f"{self.url}/predictions/{urllib.parse.quote(prediction_id)}/cancel", data=b"", method="POST"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10):
-                return True
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        return client.cancel(self.url, prediction_id)
 
 
 def _new_id() -> str:
     return f"playground-{uuid.uuid4().hex[:16]}"
-
-
-def is_loopback(url: str) -> bool:
-    """Whether ``url``'s host is this machine (where the webhook receiver on 127.0.0.1 can be reached)."""
-    return (urllib.parse.urlsplit(url).hostname or "") in LOOPBACK_HOSTS or (
-        urllib.parse.urlsplit(url).hostname or ""
-    ).startswith("127.")

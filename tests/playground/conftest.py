@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from repofiles import REPO, load_repo_module
+from _chromium import CHROMIUM_FLAGS  # benchmarks/, on sys.path (pyproject.toml's pytest pythonpath)
+from repofiles import REPO
 
-from jsd.playground import CHROMIUM_FLAGS
+from jsd.coghttp import client, local
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = REPO / "build" / "playground-test"
 SETUP_TIMEOUT = 240.0
 PAGE_TIMEOUT = 180.0  # seconds: the playground's start (importing gradio on 2 busy cores) and one page load
-
-cog_local = load_repo_module("scripts/cog_local.py")
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Server:
     stack: contextlib.ExitStack
 
     def stop(self) -> None:
-        cog_local.stop_server(self.process)
+        local.stop_server(self.process)
 
     def kill(self) -> None:
         """The server dies at once (SIGKILL to coglet and its worker), as a crash or an OOM kill does."""
@@ -53,18 +52,18 @@ class Server:
         port = int(self.url.rsplit(":", 1)[1])
         log = self.stack.enter_context(open(self.log, "ab"))  # noqa: SIM115 (closed with the stack)
         url, self.process = self.stack.enter_context(
-            cog_local.running_server(self.weights, workdir=self.workdir, port=port, log=log)
+            local.running_server(self.weights, workdir=self.workdir, port=port, log=log)
         )
-        state = cog_local.wait_for_setup(url, self.process, SETUP_TIMEOUT)
+        state = client.wait_for_setup(url, self.process, SETUP_TIMEOUT)
         assert state["status"] == "READY", state
 
     def settled_status(self, timeout: float = 30) -> str:
         """Health once a finished or canceled prediction has freed the slot (coglet frees it a moment later)."""
         deadline = time.monotonic() + timeout
-        status = cog_local.health(self.url)["status"]
+        status = client.health(self.url)["status"]
         while status == "BUSY" and time.monotonic() < deadline:
             time.sleep(0.1)
-            status = cog_local.health(self.url)["status"]
+            status = client.health(self.url)["status"]
         return status
 
 
@@ -81,9 +80,9 @@ def server(tiny_checkpoint, tmp_path_factory, output_dir):
     with (
         contextlib.ExitStack() as stack,
         open(output_dir / "coglet.log", "wb") as log,
-        cog_local.running_server(tiny_checkpoint, workdir=workdir, log=log) as (url, process),
+        local.running_server(tiny_checkpoint, workdir=workdir, log=log) as (url, process),
     ):
-        state = cog_local.wait_for_setup(url, process, SETUP_TIMEOUT)
+        state = client.wait_for_setup(url, process, SETUP_TIMEOUT)
         assert state["status"] == "READY", state
         yield Server(url, process, Path(tiny_checkpoint), workdir, output_dir / "coglet.log", stack)
 
@@ -92,7 +91,7 @@ def server(tiny_checkpoint, tmp_path_factory, output_dir):
 def playground(server, output_dir, tmp_path_factory) -> str:
     """``python -m jsd playground --api SERVER`` on a free port; its URL. Stopped (SIGTERM) at the end, after
     which its temporary folder (TMPDIR, its own here) must be empty: no ``gradio/`` upload cache left behind."""
-    port = cog_local.free_port()
+    port = client.free_port()
     tmp = tmp_path_factory.mktemp("playground-tmp")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
     env.pop("GRADIO_TEMP_DIR", None)
