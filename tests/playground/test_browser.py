@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 import time
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 from jsd.coghttp import client
 from jsd.serving import read_metadata
@@ -140,7 +141,7 @@ def test_txt2img_image_is_the_servers_file_byte_for_byte(open_page, server, outp
 
 def test_ctrl_enter_generates_and_the_selected_images_seed_is_reused(open_page, server):
     page = open_page("en-US")
-    fill(page, {k: v for k, v in FAST.items() if k != "seed"} | {"num_outputs": 2})
+    fill(page, {k: v for k, v in FAST.items() if k != "seed"} | {"num_outputs": 2, "output_format": "png"})
     message = generate(page, keys=True)
     assert DONE.search(message)
     captions = [c.inner_text().strip() for c in page.locator("#gallery .caption-label").all()]
@@ -157,7 +158,14 @@ def test_ctrl_enter_generates_and_the_selected_images_seed_is_reused(open_page, 
     fill(page, {"num_outputs": 1})
     assert DONE.search(generate(page))
     assert page.locator("#gallery .caption-label").first.inner_text().strip() == f"seed {seeds[1]}"
-    assert gallery_bytes(page) == [second]  # the seed reproduces the selected image
+    (alone,) = gallery_bytes(page)
+    # The seed reproduces the selected image: alone it comes out the same up to rounding (predict.py's `seed`).
+    difference = ImageChops.difference(_rgb(alone), _rgb(second)).getextrema()
+    assert max(high for _, high in difference) <= 1, difference
+
+
+def _rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _upload_picture(page, tmp_path) -> None:
