@@ -103,8 +103,8 @@ def _input_schema(info) -> dict:
             prop["nullable"] = True
         constraints = {
             "description": field.description,
-            "minimum": field.ge,
-            "maximum": field.le,
+            "minimum": _whole(field.ge),
+            "maximum": _whole(field.le),
             "minLength": field.min_length,
             "maxLength": field.max_length,
             "pattern": field.regex,
@@ -113,6 +113,11 @@ def _input_schema(info) -> dict:
         properties[name] = prop
     schema = {"title": "Input", "type": "object", "properties": properties}
     return schema | ({"required": required} if required else {})
+
+
+def _whole(limit: float | None) -> float | int | None:
+    """A limit as the user wrote it: cog keeps ``le=8`` as 8.0, and coglet's messages would say "8.0"."""
+    return int(limit) if isinstance(limit, float) and limit.is_integer() else limit
 
 
 def _paths() -> dict:
@@ -652,8 +657,7 @@ def _train_at(url: str, inputs: dict, args) -> int:
 def cmd_serve_train(args) -> int:
     path = write_schema(REPO, schema=combined_schema())
     print(f"Wrote {path}; training on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
-    os.chdir(REPO)
-    os.execve(sys.executable, train_server_command(args.host), train_server_env(args.port, args.weights))
+    return serve_until_interrupted(train_server_command(args.host), train_server_env(args.port, args.weights))
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -682,8 +686,22 @@ def cmd_serve(args) -> int:
         return cmd_serve_train(args)
     path = write_schema(REPO)
     print(f"Wrote {path}; serving on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
-    os.chdir(REPO)
-    os.execve(sys.executable, server_command(args.host), server_env(args.port, args.weights))
+    return serve_until_interrupted(server_command(args.host), server_env(args.port, args.weights))
+
+
+def serve_until_interrupted(command: list[str], env: dict[str, str]) -> int:
+    """Run the server in its own process group until it exits, or until Ctrl+C stops it: one line, no traceback.
+
+    Ctrl+C reaches only this process (the server's group is its own), which then stops the server the way
+    :func:`stop_server` always does, so nothing of coglet's shutdown reaches the terminal as a traceback.
+    """
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        stop_server(process)
+        print("Stopped the server (Ctrl+C).", file=sys.stderr)
+        return 130
 
 
 def fetch_schema(url: str) -> dict:
@@ -720,8 +738,24 @@ def _at_local_server(args, schema: dict, *, train: bool, then) -> int:
 
 def _predict_at(url: str, inputs: dict, args) -> int:
     status, body = post_prediction(url, inputs)
-    write = functools.partial(write_outputs, folder=Path(args.output))
+
+    def write(output) -> list[Path]:
+        return [*write_outputs(output, Path(args.output)), *write_metrics(body.get("metrics"), Path(args.output))]
+
     return finish_job("Prediction", url, status, body, write, names=sent_file_names(args.input, inputs))
+
+
+METRICS_FILE = "metrics.json"
+
+
+def write_metrics(metrics: dict | None, folder: Path) -> list[Path]:
+    """The prediction's metrics (``predict_time``, the token counts, best-of-N's ``candidates``…) into
+    ``folder/metrics.json``, beside the outputs: a candidate's ``output`` is the index in ``output.{i}.*``."""
+    if not metrics:
+        return []
+    path = folder / METRICS_FILE
+    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [path]
 
 
 def finish_job(kind: str, url: str, status: int, body: dict, write, *, names: dict[str, str] | None = None) -> int:
