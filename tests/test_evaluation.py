@@ -267,6 +267,16 @@ def test_the_contact_sheet_says_which_side_is_a_and_which_b(base_report, tmp_pat
         "A = side-A",
         "B = side-B",
     ]
+    real, seen = drawing.contact_sheet, {}
+
+    def spy(cells, font, **kwargs):
+        seen.update(kwargs)
+        return real(cells, font, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(drawing, "contact_sheet", spy)
+        evaluation.write_report(result, tmp_path / "ab")
+    assert seen == {"legend": evaluation.sheet_legend(result), "image_labels": "AB"}
     font = drawing.Font(drawing.ImageFont.load_default(14), japanese=False)
     cells = [drawing.SheetCell([Image.new("RGB", (8, 8), "black")] * 2, "#1")]
     plain = np.asarray(drawing.contact_sheet(cells, font).convert("L"))
