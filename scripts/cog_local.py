@@ -502,6 +502,21 @@ def clean_error(text: str) -> str:
     return _COGLET_WRAPPING.sub("", text, count=1)
 
 
+# coglet 0.23's health after a failed setup() ends its setup logs with the exception, wrapped the same way plus the
+# worker's slot id: "worker setup failed: worker setup failed (slot 3f…): Setup failed: setup failed: ScorerError: …"
+_SETUP_WRAPPING = re.compile(
+    r"^(?:(?:worker setup failed|[Ss]etup failed)(?: \(slot [\w-]+\))?: )+(?:[A-Za-z_][\w.]*(?:Error|Exception): )?"
+)
+
+
+def setup_error(state: dict) -> str:
+    """The exception that failed ``setup()``, in one line without coglet's wrapping (see above), from a health
+    state; the whole server log stays in the log file."""
+    logs = (state.get("setup") or {}).get("logs") or ""
+    lines = [line for line in logs.splitlines() if line.strip()]
+    return _SETUP_WRAPPING.sub("", lines[-1], count=1) if lines else f"health {state}"
+
+
 def error_text(status: int, body: dict) -> str:
     """What went wrong, in one line: a 422's ``detail[].loc/msg``, a failed prediction's ``error``, else the body.
 
@@ -731,7 +746,7 @@ def _at_local_server(args, schema: dict, *, train: bool, then) -> int:
     ):
         state = wait_for_setup(url, process, args.setup_timeout)
         if state["status"] != "READY":
-            print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
+            print(f"Setup failed (--weights {args.weights}): {setup_error(state)}", file=sys.stderr)
             return 1
         return then(url)
 
