@@ -386,7 +386,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise CLIError(str(err)) from None
     except serving.GenerationError as err:
         raise CLIError(str(err)) from None
-    _save(result, args.output)
+    _save(result, args.output, several=args.num_outputs > 1)
 
 
 def _output_format(output: Path) -> str:
@@ -397,11 +397,10 @@ def _output_format(output: Path) -> str:
     return formats[suffix]
 
 
-def _save(result, output: Path) -> None:
+def _save(result, output: Path, *, several: bool) -> None:
     from jsd.serving import save_image
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    several = len(result.seeds) > 1
     for item in result.images:
         path = output.with_name(f"{output.stem}-{item.index}{output.suffix}") if several else output
         save_image(item.image, path, metadata=item.metadata, quality=result.output_quality)
