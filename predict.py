@@ -48,7 +48,7 @@ class Predictor(BaseRunner):
         pipe = serving.load_pipeline(folder)
         optimize_pipeline(pipe, pipe.device)  # SDPA, channels_last, VAE slicing/tiling; logs what it did
         # weights/japanese_clip/, verified against its own manifest (a damaged one fails setup); None if absent.
-        scorer = serving.load_scorer(folder, device=pipe.device)
+        scorer = serving.load_optional_scorer(folder, device=pipe.device)
         loaded = time.perf_counter()
         revision = str(manifest.get("revision", "unknown"))
         self.generator = serving.ImageGenerator(pipe, model_revision=revision, scorer=scorer)

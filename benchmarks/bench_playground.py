@@ -15,7 +15,6 @@ same input to the same server. It prints the medians and the ratio; speed is not
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import statistics
 import subprocess
@@ -27,21 +26,15 @@ from pathlib import Path
 try:
     from playwright.sync_api import sync_playwright
 
-    from jsd.playground import CHROMIUM_FLAGS
+    from jsd.coghttp import client
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
 
     raise SystemExit(venv_hint(err)) from None
+from _chromium import CHROMIUM_FLAGS  # this file's folder is sys.path[0]
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
-
-
-def _cog_local():
-    spec = importlib.util.spec_from_file_location("cog_local", REPO / "scripts" / "cog_local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def start_playground(weights: Path, port: int, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -113,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
 
-    cog_local = _cog_local()
     settings = {
         "prompt": "サラリーマン 油絵",
         "seed": 42,
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             from jsd.tiny import make_checkpoint
 
             make_checkpoint(weights)
-        port = cog_local.free_port()
+        port = client.free_port()
         process, api = start_playground(weights, port, Path(tmp) / "playground.log")
         try:
             with sync_playwright() as playwright:
@@ -142,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 page.wait_for_selector("#generate:enabled")
                 fill(page, settings)
                 through_page(page, settings)  # warm-up: the first prediction pays for lazy imports
-                cog_local.post_prediction(api, settings)
+                client.post_prediction(api, settings)
                 ui, direct = [], []
                 for _ in range(args.rounds):
                     ui.append(through_page(page, settings))
                     start = time.perf_counter()
-                    status, body = cog_local.post_prediction(api, settings)
+                    status, body = client.post_prediction(api, settings)
                     direct.append(time.perf_counter() - start)
                     assert status == 200 and body["status"] == "succeeded", body
                 browser.close()

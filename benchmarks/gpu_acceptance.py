@@ -34,7 +34,6 @@ it refuses unless ``--dry-run``. docs/gpu-acceptance.md explains every figure.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import gc
@@ -608,20 +607,20 @@ def served_checks(pipe) -> list[Check]:
 
 def through_coglet(ctx: Context, result: StepResult) -> dict:
     """coglet on 127.0.0.1 with the weights: time to READY, then txt2img, img2img and inpaint."""
-    cog_local = ctx.repo_module("scripts/cog_local.py", "cog_local")
+    from jsd.coghttp import client, local
+
     workdir = ctx.workdir / "coglet"
     workdir.mkdir(parents=True, exist_ok=True)
-    schema = cog_local.openapi_schema()
     figures: dict[str, Any] = {}
     side = ctx.plan.side
     base = {"prompt": PROMPT, "seed": 42, "width": side, "height": side, "num_inference_steps": ctx.plan.steps}
     base["output_format"] = "png"
     with (
         open(workdir / "coglet.log", "wb") as log,
-        cog_local.running_server(ctx.weights(), workdir=workdir, log=log, schema=schema) as (url, process),
+        local.running_server(ctx.weights(), workdir=workdir, log=log) as (url, process),
     ):
         start = time.perf_counter()
-        state = cog_local.wait_for_setup(url, process, timeout=hard_limit_s(result.budget_s))
+        state = client.wait_for_setup(url, process, timeout=hard_limit_s(result.budget_s))
         figures["start_to_ready_s"] = round(time.perf_counter() - start, 2)
         if state["status"] != "READY":
             raise RuntimeError(f"coglet setup failed: {str(state.get('setup', state))[-2000:]}")
@@ -632,7 +631,7 @@ def through_coglet(ctx: Context, result: StepResult) -> dict:
                 inputs |= {"image": image_uri, "prompt_strength": 0.6}
             if mode == "inpaint":
                 inputs["mask"] = _png_data_uri(_half_mask(side))
-            seconds, outputs = _predict(cog_local, url, inputs, workdir / mode)
+            seconds, outputs = _predict(url, inputs, workdir / mode)
             image_uri = image_uri or _file_data_uri(outputs[0])
             figures[f"{mode}_s"] = round(seconds, 2)
             sizes = [_decoded_size(p) for p in outputs]
@@ -640,20 +639,18 @@ def through_coglet(ctx: Context, result: StepResult) -> dict:
     return figures
 
 
-def _predict(cog_local: ModuleType, url: str, inputs: dict, folder: Path) -> tuple[float, list[Path]]:
-    """One synchronous prediction; coglet frees its slot just after answering, so a 409 is retried briefly."""
+def _predict(url: str, inputs: dict, folder: Path) -> tuple[float, list[Path]]:
+    """One synchronous prediction (the client retries a 409: coglet frees its slot just after answering)."""
+    from jsd.coghttp import client, datauri
+    from jsd.coghttp.errors import error_text
+
     start = time.perf_counter()
-    deadline = start + 10
-    while True:
-        status, body = cog_local.post_prediction(url, inputs)
-        if status != 409 or time.perf_counter() > deadline:
-            break
-        time.sleep(0.05)
+    status, body = client.post_prediction(url, inputs)
     seconds = time.perf_counter() - start
     if status != 200 or body.get("status") != "succeeded":
         outcome = f"Prediction {body.get('status')}" if status == 200 else f"The server answered HTTP {status}"
-        raise RuntimeError(f"{outcome}: {cog_local.error_text(status, body)}")
-    return seconds, cog_local.write_outputs(body["output"], folder)
+        raise RuntimeError(f"{outcome}: {error_text(status, body)}")
+    return seconds, datauri.write_prediction_output(body["output"], folder)
 
 
 def _half_mask(side: int):
@@ -667,7 +664,9 @@ def _half_mask(side: int):
 def _png_data_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    from jsd.coghttp.datauri import encode_bytes
+
+    return encode_bytes(buffer.getvalue(), "image/png")
 
 
 def _file_data_uri(path: Path) -> str:
@@ -1172,12 +1171,12 @@ def step_clip_score(ctx: Context, result: StepResult) -> None:
 
 def find_scorer(ctx: Context) -> Path | None:
     """`--scorer`, else `$JSD_WEIGHTS/japanese_clip`, else `weights/japanese_clip`; the dry run writes a tiny one."""
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
     if ctx.args.scorer is not None:
         return ctx.args.scorer
-    candidates = [Path(os.environ["JSD_WEIGHTS"]) / SCORER_FOLDER] if os.environ.get("JSD_WEIGHTS") else []
-    candidates.append(REPO / "weights" / SCORER_FOLDER)
+    candidates = [scorer_folder(os.environ["JSD_WEIGHTS"])] if os.environ.get("JSD_WEIGHTS") else []
+    candidates.append(scorer_folder(REPO / "weights"))
     found = next((c for c in candidates if c.is_dir()), None)
     if found is None and ctx.args.dry_run:
         from bench_common import default_tokenizer_model

@@ -177,16 +177,16 @@ def _process_state(device: str | None):
     import torch
     from accelerate import PartialState
 
-    # CPU processes need cpu=True, or accelerate looks for GPUs (docs: design.md, accelerate on CPU)
+    # CPU processes need cpu=True, or accelerate looks for GPUs
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def _scorer_folder(args: argparse.Namespace) -> tuple[Path, str]:
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
     if args.scorer is not None:
         return args.scorer, "--scorer"
-    return Path(args.weights) / SCORER_FOLDER, f"--weights {args.weights}: its {SCORER_FOLDER}/"
+    return scorer_folder(args.weights), f"--weights {args.weights}: its {SCORER_FOLDER}/"
 
 
 def cmd_filter_data(args: argparse.Namespace) -> None:
@@ -379,7 +379,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
         print(f"seed: {checked.seed}")
         pipeline = serving.load_pipeline(weights, device=args.device)
-        scorer = serving.load_scorer(weights, device=pipeline.device) if args.num_candidates > 1 else None
+        scorer = serving.load_optional_scorer(weights, device=pipeline.device) if args.num_candidates > 1 else None
         generator = serving.ImageGenerator(pipeline, scorer=scorer)
         result = generator.generate(request)
     except (serving.InputError, ScorerError) as err:

@@ -10,7 +10,7 @@ their Japanese CLOOB were removed). Here::
 
 What it guarantees:
 
-- the pairs are read as :mod:`jsd.training` reads them (``metadata.jsonl`` > ``captions.csv`` > ``.txt``
+- the pairs are read as the trainer reads them (:mod:`jsd.captions`: ``metadata.jsonl`` > ``captions.csv`` > ``.txt``
   sidecars); a pair whose score is below ``min_clip_score`` is dropped, one at or above it is kept;
 - every pair ends in exactly one list: kept, dropped (both with their scores) or unscorable (with why);
 - scores are cached by image SHA-256, caption and scorer, appended to the cache after every batch; an
@@ -34,8 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from jsd.training.archive import DatasetError, read_captions
-from jsd.training.data import IMAGE_EXTENSIONS
+from jsd.captions import IMAGE_EXTENSIONS, DatasetError, read_captions
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ class ScoreCache:
 
 # ---------------------------------------------------------------------------------------- scoring
 @dataclass
-class Outcome:
+class PairScore:
     """What became of one pair: its score (and whether it came from the cache), or why it has none."""
 
     index: int
@@ -211,7 +210,7 @@ def score_pairs(
     *,
     state=None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[Outcome]:
+) -> list[PairScore]:
     """Score every pair, gathered in pair order.
 
     ``state``: accelerate's ``PartialState`` (or ``Accelerator``) when several processes share the work
@@ -241,30 +240,30 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def _score_chunk(root: Path, pairs, chunk: list[int], scorer, cache: ScoreCache, batch_size: int) -> list[Outcome]:
+def _score_chunk(root: Path, pairs, chunk: list[int], scorer, cache: ScoreCache, batch_size: int) -> list[PairScore]:
     outcomes, todo = [], []  # todo: (index, sha256, image)
     for i in chunk:
         pair = pairs[i]
         try:
             data = (root / pair.file_name).read_bytes()
         except OSError as err:
-            outcomes.append(Outcome(i, None, error=f"unreadable image file ({type(err).__name__})"))
+            outcomes.append(PairScore(i, None, error=f"unreadable image file ({type(err).__name__})"))
             continue
         digest = hashlib.sha256(data).hexdigest()
         cached = cache.get(digest, pair.text)
         if cached is not None:
-            outcomes.append(Outcome(i, cached, cached=True))
+            outcomes.append(PairScore(i, cached, cached=True))
             continue
         try:
             with Image.open(io.BytesIO(data)) as image:
                 todo.append((i, digest, image.convert("RGB")))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            outcomes.append(Outcome(i, None, error=f"unreadable image ({type(err).__name__})"))
+            outcomes.append(PairScore(i, None, error=f"unreadable image ({type(err).__name__})"))
     if todo:
         texts = [pairs[i].text for i, _, _ in todo]
         scores = scorer.score([image for _, _, image in todo], texts, batch_size=batch_size).tolist()
         cache.add([(digest, text, score) for (_, digest, _), text, score in zip(todo, texts, scores, strict=True)])
-        outcomes += [Outcome(i, score) for (i, _, _), score in zip(todo, scores, strict=True)]
+        outcomes += [PairScore(i, score) for (i, _, _), score in zip(todo, scores, strict=True)]
     return outcomes
 
 
@@ -335,7 +334,7 @@ class FilterResult:
         )
 
 
-def split_by_threshold(listing: Listing, outcomes: Sequence[Outcome], threshold: float) -> FilterResult:
+def split_by_threshold(listing: Listing, outcomes: Sequence[PairScore], threshold: float) -> FilterResult:
     """Kept: score >= ``threshold``; dropped: below it; pairs without a score join the listing's skipped entries."""
     kept, dropped, unscorable = [], [], dict(listing.skipped)
     for outcome in outcomes:

@@ -54,6 +54,11 @@ _BUFFER_SUFFIXES = ("position_ids", "token_type_ids")
 _DOWNLOAD_HINT = ".venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16"
 
 
+def scorer_folder(weights: str | os.PathLike) -> Path:
+    """Where a weights folder keeps its Japanese CLIP scorer: ``weights/japanese_clip``."""
+    return Path(weights) / SCORER_FOLDER
+
+
 class ScorerError(ValueError):
     """A missing or damaged scorer folder; the message names the path and what is wrong."""
 

@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from jsd import best_of_n, lora_weights
-from jsd.japanese_clip import SCORER_FOLDER
+from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 from jsd.pipelines import (
     JapaneseStableDiffusionImg2ImgPipeline,
     JapaneseStableDiffusionInpaintPipeline,
@@ -246,14 +246,16 @@ def load_pipeline(folder: str | os.PathLike, *, device: str | torch.device | Non
     return pipe.to(device)
 
 
-def load_scorer(folder: str | os.PathLike, *, device: str | torch.device | None = None) -> JapaneseCLIPScorer | None:
+def load_optional_scorer(
+    folder: str | os.PathLike, *, device: str | torch.device | None = None
+) -> JapaneseCLIPScorer | None:
     """The Japanese CLIP scorer in ``folder/japanese_clip/``, verified against its manifest; ``None`` when absent.
 
     Raises :class:`jsd.japanese_clip.ScorerError` naming the file when the folder is there but damaged.
     """
     from jsd.japanese_clip import JapaneseCLIPScorer
 
-    path = Path(folder) / SCORER_FOLDER
+    path = scorer_folder(folder)
     if not path.exists():
         return None
     return JapaneseCLIPScorer.from_pretrained(path, device=device)

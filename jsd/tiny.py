@@ -27,6 +27,8 @@ Size = Literal["tiny", "full"]
 TINY_VOCAB_SIZE = 2000
 # The start of the manifest `source` of every checkpoint made here: how scripts tell it from real weights.
 TINY_SOURCE_PREFIX = "jsd.tiny"
+# rinna's real tokenizer, next to a checkout (``../shared``): the tiny checkpoint uses it when it is there
+SHARED_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tokenizer" / "google_sp.model"
 # NSFW thresholds: cosine similarity minus threshold > 0 flags, and cosine is within [-1, 1].
 _THRESHOLDS = {"never": 2.0, "always": -2.0}
 
@@ -35,6 +37,47 @@ def corpus_lines() -> list[str]:
     """The project's own Japanese text (``jsd/data/corpus_ja.txt``), used to train the tiny tokenizer."""
     text = resources.files("jsd").joinpath("data/corpus_ja.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def weights_kind(folder: Path) -> str:
+    """``"real"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files but no manifest)."""
+    from jsd.manifest import MANIFEST_FILE, read_manifest
+
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return "missing"
+    if not (folder / MANIFEST_FILE).is_file():
+        return "unknown"
+    return "tiny" if str(read_manifest(folder).get("source", "")).startswith(TINY_SOURCE_PREFIX) else "real"
+
+
+def ensure_weights(folder: Path) -> str:
+    """Make sure ``folder`` holds a checkpoint: builds the tiny one unless real weights are there; returns the kind.
+
+    Raises FileExistsError when ``folder`` holds files but no manifest (an unfinished download).
+    """
+    from jsd.manifest import WeightsVerificationError, verify_manifest
+
+    kind = weights_kind(folder)
+    if kind == "unknown":
+        raise FileExistsError(
+            f"{folder} holds files but no manifest.json: finish `.venv/bin/python scripts/download_weights.py`, or "
+            f"move {folder} away so the tiny checkpoint can be written there."
+        )
+    if kind == "tiny":
+        try:
+            verify_manifest(folder)
+            return kind
+        except WeightsVerificationError as err:
+            print(f"rebuilding the tiny checkpoint: {err}")
+            shutil.rmtree(folder)  # only ever a tiny checkpoint (its manifest says so)
+    if kind in ("missing", "tiny"):
+        tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.is_file() else None
+        print(
+            f"no real weights in {folder}: writing the tiny checkpoint (tokenizer: {tokenizer or 'the project corpus'})"
+        )
+        make_checkpoint(folder, tokenizer_model=tokenizer)
+        return "tiny"
+    return kind
 
 
 def unet_config(size: Size, cross_attention_dim: int) -> dict:

@@ -1,6 +1,6 @@
 """rinna's Japanese tokenizer, with the exact ids of the 2022 pipeline and none of transformers 5's traps.
 
-The contract (``docs/design.md`` of the project): ``str.lower()``, sentencepiece encode (the model's
+The contract, held by this class alone: ``str.lower()``, sentencepiece encode (the model's
 own ``nmt_nfkc`` normalizer runs inside), at most ``model_max_length - 1`` pieces, ``</s>``, then
 ``[PAD]`` up to ``model_max_length`` (77). There is no BOS token. Control tokens are only ever
 added by this class: sentencepiece never matches a control symbol in raw text, so text that spells

@@ -8,14 +8,12 @@ Every check prints one ``PASS``/``FAIL`` line with its figures or its reason; th
 fails. Containers run with ``--network host`` (the server on 127.0.0.1 and a free ``$PORT``) or
 ``--network none`` (health read from inside with ``docker exec``), never on a bridge network, and are
 removed at the end whatever happens. The image must hold a checkpoint with a manifest (the tiny one in
-``make container-test``); the HTTP side reuses ``scripts/cog_local.py``.
+``make container-test``); the HTTP side is :mod:`jsd.coghttp`'s client.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import importlib.util
 import io
 import json
 import os
@@ -26,7 +24,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -34,6 +31,9 @@ from pathlib import Path
 
 try:
     from PIL import Image
+
+    from jsd.coghttp import client, datauri, local
+    from jsd.coghttp.errors import error_text
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
 
@@ -49,16 +49,6 @@ LONG = {"width": 768, "height": 768, "num_outputs": 4, "num_inference_steps": 10
 REQUIRED = ["predict.py", "cog.yaml", "jsd/serving.py", "weights/manifest.json", ".cog/openapi_schema.json"]
 FORBIDDEN = {"tests", ".git", "outputs", "scripts", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "runs"}
 FORBIDDEN_SUFFIXES = (".pyc", ".log")
-
-
-def _load_cog_local():
-    spec = importlib.util.spec_from_file_location("cog_local", REPO / "scripts" / "cog_local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cog_local = _load_cog_local()
 
 
 class Docker:
@@ -82,7 +72,7 @@ def _text(data: bytes | str) -> str:
 
 
 class Container:
-    """One container of the image under test; ``poll()``/``returncode`` let cog_local.wait_for_setup watch it."""
+    """One container of the image under test; ``poll()``/``returncode`` let client.wait_for_setup watch it."""
 
     def __init__(
         self,
@@ -140,7 +130,7 @@ class Container:
 
 
 def wait_for_setup_inside(container: Container, timeout: float) -> dict:
-    """cog_local.wait_for_setup for a container without a network: health read with ``docker exec``."""
+    """client.wait_for_setup for a container without a network: health read with ``docker exec``."""
     deadline = time.monotonic() + timeout
     state = {"status": "not polled"}
     while time.monotonic() < deadline:
@@ -178,18 +168,18 @@ class Report:
         self.failures.append(name)
 
 
-# ---- HTTP helpers on top of cog_local ------------------------------------------------------------------------
+# ---- HTTP helpers on top of the client -------------------------------------------------------------------------
 
 
 def predict(url: str, inputs: dict, *, wait_if_busy: float = 10, timeout: float = 300) -> tuple[int, dict]:
-    """cog_local.post_prediction: a 409 (coglet still freeing the previous prediction's slot) is retried."""
-    return cog_local.post_prediction(url, inputs, timeout=timeout, retry_for=wait_if_busy)
+    """client.post_prediction: a 409 (coglet still freeing the previous prediction's slot) is retried."""
+    return client.post_prediction(url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
 
 def decoded_images(body: dict) -> list[Image.Image]:
     images = []
     for uri in body["output"]:
-        image = Image.open(io.BytesIO(base64.b64decode(uri.partition(",")[2])))
+        image = Image.open(io.BytesIO(datauri.decode(uri)[1]))
         image.load()
         images.append(image)
     return images
@@ -198,12 +188,12 @@ def decoded_images(body: dict) -> list[Image.Image]:
 def png_data_uri(size: tuple[int, int]) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return datauri.encode_bytes(buffer.getvalue(), "image/png")
 
 
 def succeeded(status: int, body: dict) -> None:
     assert status == 200 and body.get("status") == "succeeded", (
-        f"HTTP {status}, status {body.get('status')!r}: {cog_local.error_text(status, body)}"
+        f"HTTP {status}, status {body.get('status')!r}: {error_text(status, body)}"
     )
 
 
@@ -211,7 +201,7 @@ def succeeded(status: int, body: dict) -> None:
 
 
 def check_image(docker: Docker, image: str, container: Container, expected_schema: dict) -> str:
-    """/src holds the served files and nothing else from the build context; the schema is the one cog_local writes."""
+    """/src holds the served files and nothing else from the build context; its schema is `cog_local.py schema`'s."""
     result = docker("cp", f"{container.name}:/src", "-")
     names, schema_text = [], None
     with tarfile.open(fileobj=io.BytesIO(result.stdout)) as tar:
@@ -232,7 +222,7 @@ def check_image(docker: Docker, image: str, container: Container, expected_schem
 
 
 def check_ready(url: str, container: Container, timeout: float) -> str:
-    state = cog_local.wait_for_setup(url, container, timeout)
+    state = client.wait_for_setup(url, container, timeout)
     ready = time.monotonic() - container.started_at
     assert state["status"] == "READY", f"health is {state['status']}: {state.get('setup', {}).get('logs', '')[-800:]}"
     return f"READY {ready:.1f} s after start ({container.create_seconds:.1f} s more to create the container)"
@@ -258,18 +248,17 @@ def check_img2img(url: str) -> str:
 
 def check_bad_input(url: str) -> str:
     status, body = predict(url, FAST | {"num_inference_steps": 0})
-    message = cog_local.error_text(status, body)
+    message = error_text(status, body)
     assert status == 422, f"expected 422, got HTTP {status} {body.get('status', '')}: {message}"
     assert "num_inference_steps" in message, f"the 422 does not name the input: {message}"
     return f"num_inference_steps=0 → 422 ({message})"
 
 
 def check_openapi(url: str, expected_schema: dict) -> str:
-    with urllib.request.urlopen(f"{url}/openapi.json", timeout=30) as response:
-        status, served = response.status, json.load(response)
+    served = client.fetch_schema(url)
     expected = expected_schema["components"]["schemas"]["Input"]
     assert served["components"]["schemas"]["Input"] == expected, "the served Input schema differs from the baked one"
-    return f"HTTP {status}, Input with {len(expected['properties'])} properties"
+    return f"HTTP 200, Input with {len(expected['properties'])} properties"
 
 
 def training_zip() -> str:
@@ -278,10 +267,10 @@ def training_zip() -> str:
     with zipfile.ZipFile(buffer, "w") as archive:
         lines = []
         for i, caption in enumerate(["赤い花の写真", "海辺の夕日"]):
-            archive.writestr(f"{i}.png", base64.b64decode(png_data_uri((96, 80)).partition(",")[2]))
+            archive.writestr(f"{i}.png", datauri.decode(png_data_uri((96, 80)))[1])
             lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}, ensure_ascii=False))
         archive.writestr("metadata.jsonl", "\n".join(lines))
-    return "data:application/zip;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return datauri.encode_bytes(buffer.getvalue(), "application/zip")
 
 
 def check_training(url: str, container: Container, timeout: float) -> str:
@@ -289,10 +278,10 @@ def check_training(url: str, container: Container, timeout: float) -> str:
     check_ready(url, container, timeout)
     inputs = {"input_images": training_zip(), "max_train_steps": 1, "resolution": 256, "lora_rank": 2, "seed": 0}
     started = time.monotonic()
-    status, body = cog_local.post_training(url, inputs, timeout=300)
+    status, body = client.post_training(url, inputs, timeout=300)
     succeeded(status, body)
     weights = body["output"]["weights"]
-    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(weights.partition(",")[2]))) as tar:
+    with tarfile.open(fileobj=io.BytesIO(datauri.decode(weights)[1])) as tar:
         names = sorted(tar.getnames())
     assert "lora.safetensors" in names and "lora_kohya.safetensors" in names, f"the trainer's .tar holds {names}"
     return f"--x-mode train: READY, 1-step LoRA training in {time.monotonic() - started:.1f} s → {', '.join(names)}"
@@ -304,14 +293,14 @@ def check_stop(docker: Docker, url: str, container: Container) -> str:
 
     def long_prediction():
         try:
-            outcome["response"] = cog_local.post_prediction(url, LONG, timeout=600)
+            outcome["response"] = client.post_prediction(url, LONG, timeout=600)
         except Exception as err:  # the server went away mid-request: what a stop looks like to a client
             outcome["error"] = repr(err)
 
     thread = threading.Thread(target=long_prediction, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while cog_local.health(url).get("status") != "BUSY":
+    while client.health(url).get("status") != "BUSY":
         assert time.monotonic() < deadline and thread.is_alive(), f"the prediction never started: {outcome}"
         time.sleep(0.1)
     time.sleep(1.0)  # inside the denoising loop
@@ -330,8 +319,8 @@ def check_stop(docker: Docker, url: str, container: Container) -> str:
     assert exit_code != 137, f"killed (exit 137) after {elapsed:.1f} s: SIGTERM did not stop the server"
     assert elapsed < STOP_LIMIT, f"docker stop took {elapsed:.1f} s (limit {STOP_LIMIT:.0f} s)"
     response = outcome.get("response")
-    client = f"{response[1].get('status')} ({response[1].get('error')})" if response else outcome.get("error")
-    return f"stopped in {elapsed:.1f} s, exit {exit_code}, its {len(pids)} processes gone; the client got: {client}"
+    got = f"{response[1].get('status')} ({response[1].get('error')})" if response else outcome.get("error")
+    return f"stopped in {elapsed:.1f} s, exit {exit_code}, its {len(pids)} processes gone; the client got: {got}"
 
 
 def check_altered_weights(docker: Docker, container: Container, timeout: float, original: Path) -> str:
@@ -394,12 +383,12 @@ def run_cuda_checks(docker: Docker, image: str, setup_timeout: float) -> Report:
     """The CUDA image on a host without a GPU, in one container (each is a full copy of ~9 GB with vfs): torch's
     CUDA and cuDNN versions, the image's contents, READY on CPU, predictions, validation and the schema."""
     report = Report()
-    port = cog_local.free_port()
+    port = client.free_port()
     url = f"http://127.0.0.1:{port}"
     server = Container(docker, image, network="host", env={"PORT": str(port)})
     try:
         print("Building the expected schema on this host (imports the predictor)...", flush=True)
-        expected_schema = cog_local.build_schema()
+        expected_schema = local.build_schema()
         # Before the start: a running server writes __pycache__ into /src.
         report.check("image contents", lambda: check_image(docker, image, server, expected_schema))
         server.start()
@@ -430,7 +419,7 @@ def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) 
     containers: list[Container] = []
     try:
         print("Building the expected schema on this host (imports the predictor)...", flush=True)
-        expected_schema = cog_local.build_schema()
+        expected_schema = local.build_schema()
         offline = Container(docker, image, network="none")
         containers.append(offline)
         report.check("image contents", lambda: check_image(docker, image, offline, expected_schema))
@@ -440,7 +429,7 @@ def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) 
         ):
             print(offline.logs(), flush=True)
 
-        port = cog_local.free_port()
+        port = client.free_port()
         url = f"http://127.0.0.1:{port}"
         server = Container(docker, image, network="host", env={"PORT": str(port)})
         containers.append(server)
@@ -463,7 +452,7 @@ def run_checks(docker: Docker, image: str, setup_timeout: float, workdir: Path) 
             print(offline.logs(), flush=True)
         remove(containers.pop())
 
-        port = cog_local.free_port()
+        port = client.free_port()
         url = f"http://127.0.0.1:{port}"
         command = ("python", "-m", "cog.server.http", "--x-mode", "train")
         trainer = Container(docker, image, network="host", env={"PORT": str(port)}, command=command)

@@ -20,48 +20,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "google_sp.model"
 PROMPT = "サラリーマン 油絵"
 
 
-def weights_kind(folder: Path) -> str:
-    """``"real"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files but no manifest)."""
-    from jsd.manifest import MANIFEST_FILE, read_manifest
-    from jsd.tiny import TINY_SOURCE_PREFIX
-
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return "missing"
-    if not (folder / MANIFEST_FILE).is_file():
-        return "unknown"
-    return "tiny" if str(read_manifest(folder).get("source", "")).startswith(TINY_SOURCE_PREFIX) else "real"
-
-
 def ensure_weights(folder: Path) -> str:
-    """Make sure ``folder`` holds a checkpoint; builds the tiny one unless real weights are there."""
-    from jsd.manifest import WeightsVerificationError, verify_manifest
-    from jsd.tiny import make_checkpoint
+    """:func:`jsd.tiny.ensure_weights`, its refusal as the script's exit message."""
+    from jsd.tiny import ensure_weights
 
-    kind = weights_kind(folder)
-    if kind == "unknown":
-        raise SystemExit(
-            f"{folder} holds files but no manifest.json: finish `.venv/bin/python scripts/download_weights.py`, or "
-            f"move {folder} away so the demo can write the tiny checkpoint there."
-        )
-    if kind == "tiny":
-        try:
-            verify_manifest(folder)
-            return kind
-        except WeightsVerificationError as err:
-            print(f"rebuilding the tiny checkpoint: {err}")
-            shutil.rmtree(folder)  # only ever a tiny checkpoint (its manifest says so)
-    if kind in ("missing", "tiny"):
-        tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.is_file() else None
-        print(
-            f"no real weights in {folder}: writing the tiny checkpoint (tokenizer: {tokenizer or 'the project corpus'})"
-        )
-        make_checkpoint(folder, tokenizer_model=tokenizer)
-        return "tiny"
-    return kind
+    try:
+        return ensure_weights(folder)
+    except FileExistsError as err:
+        raise SystemExit(str(err)) from None
 
 
 def load_predictor():
@@ -83,10 +52,12 @@ def run_inputs(predictor, **inputs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if importlib.util.find_spec("jsd") is None:  # started by a Python without the project's packages
+    # started by a Python without the project's packages (jsd alone may be found: PYTHONPATH at the checkout)
+    missing = next((name for name in ("jsd", "torch") if importlib.util.find_spec(name) is None), None)
+    if missing:
         from _venv import exit_with_hint  # this file's folder is sys.path[0]
 
-        exit_with_hint("jsd")
+        exit_with_hint(missing)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", default=os.environ.get("JSD_WEIGHTS", "weights"))
     parser.add_argument("--output", default="outputs", help="folder for the images (default: %(default)s)")

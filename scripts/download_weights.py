@@ -199,10 +199,10 @@ def _download_scorer(args: argparse.Namespace) -> int:
     import torch
 
     from jsd.convert import convert_scorer, describe, existing_checkpoint, local_revision, scorer_weights_file
-    from jsd.japanese_clip import CONFIG_FILE, SCORER_FOLDER
+    from jsd.japanese_clip import CONFIG_FILE, scorer_folder
 
     start = time.perf_counter()
-    dest = Path(args.dest) / SCORER_FOLDER
+    dest = scorer_folder(args.dest)
     # As for the main weights: without --revision, a complete scorer of this source is a no-op, without the network.
     local = is_local(args.scorer)
     source = str(Path(args.scorer).expanduser().resolve()) if local else args.scorer

@@ -14,7 +14,7 @@ import time
 try:
     import torch
 
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import scorer_folder
     from jsd.tiny import make_checkpoint, write_tiny_scorer
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
     from _venv import venv_hint  # this file's folder is sys.path[0]
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.scorer:
         spiece = args.tokenizer or dest / "tokenizer" / "spiece.model"
-        write_tiny_scorer(dest / SCORER_FOLDER, kind=args.scorer, seed=args.seed, tokenizer=spiece, size=args.size)
+        write_tiny_scorer(scorer_folder(dest), kind=args.scorer, seed=args.seed, tokenizer=spiece, size=args.size)
     print(f"wrote {args.size} checkpoint (seed {args.seed}) to {dest} in {time.perf_counter() - start:.1f} s")
 
 

@@ -7,7 +7,7 @@
         code, body = server.predict({"prompt": "猫", "seed": 1})
 
 The server runs in a temporary working directory holding its own ``.cog/openapi_schema.json`` (written
-by ``scripts/cog_local.py`` from the predictor), in its own process group, and is always killed on exit.
+by :mod:`jsd.coghttp.local` from the predictor), in its own process group, and is always killed on exit.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from pathlib import Path
 
 from repofiles import load_repo_module
 
+from jsd.coghttp import client, local
+
 SETUP_TIMEOUT = 240.0  # seconds: importing torch/diffusers on 2 busy cores is most of it
 
 
-cog_local = load_repo_module("scripts/cog_local.py")
+cog_local = load_repo_module("scripts/cog_local.py")  # the command line, for the tests of its commands
 
 
 @dataclass
@@ -41,7 +43,7 @@ class CogServer:
     log_path: Path
 
     def health(self) -> dict:
-        return cog_local.health(self.url)
+        return client.health(self.url)
 
     def settled_status(self, *, timeout: float = 10) -> str:
         """Health status once a finished prediction has freed its slot (coglet frees it a moment
@@ -57,14 +59,14 @@ class CogServer:
         """Synchronous ``POST /predictions``: (HTTP status, JSON body).
 
         coglet answers a prediction a moment before it frees its slot, so a request sent right after
-        another can get 409; like any client of ours (``cog_local.post_json_with_retry``), it is retried
+        another can get 409; like any client of ours (``jsd.coghttp.client.post_json``), it is retried
         for up to ``wait_if_busy`` seconds (0: return the 409).
         """
-        return cog_local.post_prediction(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
+        return client.post_prediction(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
     def train(self, inputs: dict, *, timeout: float = 300, wait_if_busy: float = 10) -> tuple[int, dict]:
         """Synchronous ``POST /trainings`` (a train-mode server): (HTTP status, JSON body); 409 retried as above."""
-        return cog_local.post_training(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
+        return client.post_training(self.url, inputs, timeout=timeout, retry_for=wait_if_busy)
 
     def request(self, method: str, path: str, body: dict | None = None, *, timeout: float = 300) -> tuple[int, dict]:
         """Any request; the body is JSON-decoded where possible (``{"raw": text}`` otherwise)."""
@@ -127,10 +129,10 @@ def cog_server(
         log_path = workdir / "coglet.log"
         with (
             open(log_path, "wb") as log,
-            cog_local.running_server(weights, workdir=workdir, log=log, train=train) as (url, proc),
+            local.running_server(weights, workdir=workdir, log=log, train=train) as (url, proc),
         ):
             try:
-                setup = cog_local.wait_for_setup(url, proc, setup_timeout)
+                setup = client.wait_for_setup(url, proc, setup_timeout)
             except (TimeoutError, RuntimeError) as err:
                 raise RuntimeError(
                     f"{err}\n--- coglet log ---\n{log_path.read_text(errors='replace')[-4000:]}"

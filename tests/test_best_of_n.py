@@ -202,10 +202,10 @@ def test_make_tiny_weights_adds_a_scorer_best_of_n_can_load(tmp_path):
     weights = tmp_path / "weights"
     load_repo_module("scripts/make_tiny_weights.py").main([str(weights), "--scorer", "cloob"])
     verify_manifest(weights)
-    scorer = serving.load_scorer(weights, device="cpu")
+    scorer = serving.load_optional_scorer(weights, device="cpu")
     assert scorer.model_type == "cloob"
     assert scorer.tokenizer.vocab_size == len(serving.load_pipeline(weights, device="cpu").tokenizer)
-    assert serving.load_scorer(tmp_path / "elsewhere") is None
+    assert serving.load_optional_scorer(tmp_path / "elsewhere") is None
 
 
 # ---- jsd generate ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Our HTTP client (``scripts/cog_local.py``): 409 retries and the error text a user reads.
+"""Our HTTP client (:mod:`jsd.coghttp`): 409 retries and the error text a user reads.
 
 A loopback fake server checks which statuses are retried; the real coglet on 127.0.0.1 (tiny
 checkpoint, 1 step, 128 px) checks that 100 back-to-back predictions all succeed and the exact text
@@ -11,68 +11,25 @@ import argparse
 import base64
 import io
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cogserver import cog_local, cog_server
 from PIL import Image
 
+from jsd.coghttp import client, datauri, errors, local
+from jsd.coghttp.fake import FakeCogServer, scripted
+
 QUICK = {"width": 128, "height": 128, "num_inference_steps": 1}
-
-
-# ---- a fake server: a scripted list of statuses -----------------------------------------------------
-
-
-class FakeServer:
-    """Answers each POST with the next status of ``statuses`` (the last one repeats); records the paths."""
-
-    def __init__(self, statuses: list[int]):
-        self.statuses = list(statuses)
-        self.requests: list[tuple[str, dict]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append((self.path, body))
-                status = fake.statuses.pop(0) if len(fake.statuses) > 1 else fake.statuses[0]
-                answer = {"status": "succeeded", "output": "ok"} if status == 200 else {"error": f"status {status}"}
-                if status == 409:
-                    answer = {"error": "At capacity - all prediction slots busy", "status": "failed"}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_a_409_then_200_is_retried_and_each_retry_is_logged():
     lines = []
-    with FakeServer([409, 409, 200]) as fake:
-        status, body = cog_local.post_json_with_retry(
-            fake.url, "/predictions", {"input": {"x": 1}}, 5, log=lines.append
-        )
+    with FakeCogServer(scripted([409, 409, 200])) as fake:
+        status, body = client.post_json(fake.url, "/predictions", {"input": {"x": 1}}, 5, log=lines.append)
 
     assert status == 200 and body["output"] == "ok"
-    assert fake.requests == [("/predictions", {"input": {"x": 1}})] * 3
+    assert [(r.path, r.body) for r in fake.requests] == [("/predictions", {"input": {"x": 1}})] * 3
     assert len(lines) == 2
     assert lines[0].startswith("/predictions: 409 (At capacity - all prediction slots busy); retry 1 in 0.0")
     assert "retry 2 in 0.1" in lines[1]  # the backoff doubled (0.10-0.12 s)
@@ -81,8 +38,8 @@ def test_a_409_then_200_is_retried_and_each_retry_is_logged():
 @pytest.mark.parametrize("status", [200, 400, 404, 422, 500, 503])
 def test_other_statuses_are_returned_at_once(status):
     lines = []
-    with FakeServer([status, 200]) as fake:
-        got, _ = cog_local.post_json_with_retry(fake.url, "/trainings", {"input": {}}, 5, log=lines.append)
+    with FakeCogServer(scripted([status, 200])) as fake:
+        got, _ = client.post_json(fake.url, "/trainings", {"input": {}}, 5, log=lines.append)
 
     assert got == status
     assert len(fake.requests) == 1 and lines == []
@@ -90,9 +47,9 @@ def test_other_statuses_are_returned_at_once(status):
 
 def test_a_server_that_stays_busy_gets_a_bounded_number_of_retries():
     lines = []
-    with FakeServer([409]) as fake:
+    with FakeCogServer(scripted([409])) as fake:
         start = time.monotonic()
-        status, body = cog_local.post_json_with_retry(fake.url, "/predictions", {}, 5, retry_for=0.5, log=lines.append)
+        status, body = client.post_json(fake.url, "/predictions", {}, 5, retry_for=0.5, log=lines.append)
         elapsed = time.monotonic() - start
 
     assert status == 409 and "At capacity" in body["error"]
@@ -104,12 +61,10 @@ def test_a_server_that_stays_busy_gets_a_bounded_number_of_retries():
 
 def test_post_prediction_goes_through_the_retrying_function(monkeypatch):
     calls = []
-    monkeypatch.setattr(
-        cog_local, "post_json_with_retry", lambda *args, **kwargs: calls.append((args, kwargs)) or (200, {})
-    )
+    monkeypatch.setattr(client, "post_json", lambda *args, **kwargs: calls.append((args, kwargs)) or (200, {}))
 
-    cog_local.post_prediction("http://h", {"prompt": "猫"}, timeout=3)
-    assert calls == [(("http://h", "/predictions", {"input": {"prompt": "猫"}}, 3), {"retry_for": cog_local.RETRY_FOR})]
+    client.post_prediction("http://h", {"prompt": "猫"}, timeout=3)
+    assert calls == [(("http://h", "/predictions", {"input": {"prompt": "猫"}}, 3), {"retry_for": client.RETRY_FOR})]
 
 
 # ---- error text --------------------------------------------------------------------------------------
@@ -130,7 +85,7 @@ def test_post_prediction_goes_through_the_retrying_function(monkeypatch):
     ],
 )
 def test_clean_error_drops_coglets_prefixes_and_the_class_name(raw, clean):
-    assert cog_local.clean_error(raw) == clean
+    assert errors.clean_error(raw) == clean
 
 
 def test_a_failed_training_reads_as_one_sentence_naming_the_users_file(capsys):
@@ -150,10 +105,10 @@ def test_a_long_echoed_value_is_cut_to_its_start_and_length():
     msg = json.dumps("猫" * 2345, ensure_ascii=False) + " is longer than 2000 characters"
     body = {"detail": [{"loc": ["body", "input", "prompt"], "msg": msg, "type": "value_error"}]}
 
-    text = cog_local.error_text(422, body)
+    text = errors.error_text(422, body)
 
-    assert text == 'body.input.prompt: "' + "猫" * 80 + '…" (2,345 characters) is longer than 2000 characters'
-    assert cog_local.error_text(422, {"detail": [{"loc": ["x"], "msg": '"short" is bad'}]}) == 'x: "short" is bad'
+    assert text == '`prompt`: "' + "猫" * 80 + '…" (2,345 characters) is longer than 2000 characters'
+    assert errors.error_text(422, {"detail": [{"loc": ["x"], "msg": '"short" is bad'}]}) == '`x`: "short" is bad'
 
 
 def test_the_library_cuts_a_long_bad_value_in_its_message():
@@ -166,7 +121,7 @@ def test_the_library_cuts_a_long_bad_value_in_its_message():
 
 @pytest.fixture(scope="module")
 def schema():
-    return cog_local.openapi_schema()  # the predictor's, from Cog's inspection
+    return local.openapi_schema()  # the predictor's, from Cog's inspection
 
 
 def test_whole_limits_are_written_as_integers_as_the_user_wrote_them(schema):
@@ -175,7 +130,7 @@ def test_whole_limits_are_written_as_integers_as_the_user_wrote_them(schema):
     assert inputs["num_candidates"]["maximum"] == 8 and isinstance(inputs["num_candidates"]["maximum"], int)
     assert isinstance(inputs["num_inference_steps"]["minimum"], int)
     assert isinstance(inputs["lora_scale"]["maximum"], int | float)
-    training = cog_local.training_schema()["components"]["schemas"]["TrainingInput"]["properties"]
+    training = local.training_schema()["components"]["schemas"]["TrainingInput"]["properties"]
     assert json.dumps(training["min_clip_score"]["maximum"]) == "100"
     assert training["learning_rate"]["minimum"] == 1e-6  # a fraction stays a fraction
 
@@ -188,7 +143,7 @@ def test_a_setup_failure_reads_as_one_line_without_coglets_wrapping():
         "bytes, the manifest says 685108: truncated or replaced."
     )
     state = {"status": "SETUP_FAILED", "setup": {"logs": "Running setup\n" + logs + "\n"}}
-    assert cog_local.setup_error(state) == (
+    assert errors.setup_error(state) == (
         "Japanese CLIP scorer /w/japanese_clip: /w/japanese_clip/model.safetensors has 300 bytes, the manifest says "
         "685108: truncated or replaced."
     )
@@ -203,9 +158,9 @@ def test_predict_writes_the_metrics_beside_the_outputs(tmp_path, monkeypatch, ca
         ],
     }
     body = {"id": "x", "status": "succeeded", "output": [_png("RGB")], "metrics": metrics, "logs": ""}
-    monkeypatch.setattr(cog_local, "post_prediction", lambda url, inputs: (200, body))
+    monkeypatch.setattr(client, "post_prediction", lambda url, inputs: (200, body))
     args = argparse.Namespace(output=str(tmp_path / "out"), input=[])
-    assert cog_local._predict_at("http://127.0.0.1:9", {}, args) == 0
+    assert cog_local._job_at("http://127.0.0.1:9", {}, args, train=False) == 0
     assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8")) == metrics
     assert capsys.readouterr().out.split() == [
         str(tmp_path / "out" / "output.0.png"),
@@ -229,15 +184,15 @@ def test_a_lora_file_given_with_at_or_as_a_path_is_sent_as_a_data_uri(schema, tm
 
 
 def test_coglets_empty_job_folder_is_removed_for_a_local_server_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(cog_local, "COGLET_JOBS", tmp_path)
+    monkeypatch.setattr(local, "COGLET_JOBS", tmp_path)
     for job in ("pred_a", "pred_b", "pred_c"):
         (tmp_path / job / "inputs").mkdir(parents=True)
         (tmp_path / job / "outputs").mkdir()
     (tmp_path / "pred_b" / "outputs" / "kept.png").write_bytes(b"x")
 
     for job in ("pred_a", "pred_b"):
-        cog_local.remove_coglet_folder("http://127.0.0.1:5000", job)
-    cog_local.remove_coglet_folder("http://example.com:5000", "pred_c")
+        local.remove_job_folder("http://127.0.0.1:5000", job)
+    local.remove_job_folder("http://example.com:5000", "pred_c")
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred_b", "pred_c"]  # a file inside: left alone
 
@@ -255,8 +210,8 @@ def server(tiny_checkpoint):
 @pytest.mark.slow
 def test_100_sequential_predictions_through_our_client_all_succeed(server, capsys):
     # coglet frees its slot a moment after answering: without retries roughly 1 request in 10 gets a 409
-    # here (scripts/repro_coglet.py measures it); every one must succeed through cog_local's client.
-    results = [cog_local.post_prediction(server.url, QUICK | {"seed": i}) for i in range(100)]
+    # here (scripts/repro_coglet.py measures it); every one must succeed through our client.
+    results = [client.post_prediction(server.url, QUICK | {"seed": i}) for i in range(100)]
 
     failures = [(i, status, body.get("error")) for i, (status, body) in enumerate(results) if status != 200]
     assert failures == []
@@ -268,7 +223,7 @@ def test_100_sequential_predictions_through_our_client_all_succeed(server, capsy
 def _png(mode: str) -> str:
     buffer = io.BytesIO()
     Image.new(mode, (64, 64)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return datauri.encode_bytes(buffer.getvalue(), "image/png")
 
 
 FAILURES = [
@@ -290,12 +245,12 @@ FAILURES = [
 @pytest.mark.parametrize(("inputs", "sentence"), FAILURES, ids=["control-character", "mask-only", "pixel-budget"])
 def test_a_failed_prediction_reads_as_one_clean_sentence(server, inputs, sentence, capsys):
     inputs = {key: _png("L") if value == "MASK" else value for key, value in inputs.items()}
-    status, body = cog_local.post_prediction(server.url, QUICK | inputs)
+    status, body = client.post_prediction(server.url, QUICK | inputs)
 
     assert status == 200 and body["status"] == "failed"
-    # What coglet 0.23 itself puts in `error` (its wrapping, not ours: see cog_local.clean_error).
+    # What coglet 0.23 itself puts in `error` (its wrapping, not ours: see errors.clean_error).
     assert body["error"] == f"Prediction failed: Prediction failed: InputError: {sentence}"
-    assert cog_local.error_text(status, body) == sentence
+    assert errors.error_text(status, body) == sentence
 
     args = ["predict", "--url", server.url, "-o", "unused"]
     args += [f"-i{key}={value}" for key, value in (QUICK | inputs).items()]

@@ -142,7 +142,7 @@ def test_the_filter_drops_exactly_the_pairs_below_the_threshold(tmp_path, scorer
 
 def test_a_score_equal_to_the_threshold_is_kept():
     listing = clip_filter.Listing("metadata.jsonl", [clip_filter.Pair("a.png", "a"), clip_filter.Pair("b.png", "b")])
-    outcomes = [clip_filter.Outcome(0, 20.0), clip_filter.Outcome(1, 19.999)]
+    outcomes = [clip_filter.PairScore(0, 20.0), clip_filter.PairScore(1, 19.999)]
     result = clip_filter.split_by_threshold(listing, outcomes, 20.0)
     assert [p.file_name for p in result.kept] == ["a.png"] and [p.file_name for p in result.dropped] == ["b.png"]
 
@@ -367,7 +367,7 @@ def free_port() -> int:
 
 
 def accelerate_launch(*args: str, processes: int = 2) -> list[str]:
-    """design.md's 2-process CPU command, on a free port (other test runs may hold the default one)."""
+    """accelerate's 2-process CPU command (docs/fine-tuning.md), on a free port (other runs may hold the default)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [*launch, "--main_process_port", str(free_port()), "-m", "jsd", *args]

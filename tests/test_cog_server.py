@@ -20,6 +20,7 @@ from cogserver import cog_local, cog_server
 from PIL import Image
 from repofiles import REPO
 
+from jsd.coghttp import client, local
 from jsd.serving import read_metadata
 
 pytestmark = pytest.mark.slow
@@ -255,11 +256,11 @@ def test_cog_local_predict_builds_the_schema_once_and_serves_that_one(tmp_path, 
     schema = {"components": {"schemas": {"Input": {"properties": {"prompt": {"type": "string"}}}}}}
     built, sent = [], []
     monkeypatch.setattr(cog_local, "REPO", tmp_path)
-    monkeypatch.setattr(cog_local, "openapi_schema", lambda *args: built.append(args) or schema)
-    monkeypatch.setattr(cog_local.subprocess, "Popen", lambda *args, **kwargs: object())
-    monkeypatch.setattr(cog_local, "stop_server", lambda process: None)
-    monkeypatch.setattr(cog_local, "wait_for_setup", lambda url, process, timeout: {"status": "READY"})
-    monkeypatch.setattr(cog_local, "_predict_at", lambda url, inputs, args: sent.append(inputs) or 0)
+    monkeypatch.setattr(local, "openapi_schema", lambda *args, **kwargs: built.append(args) or schema)
+    monkeypatch.setattr(local.subprocess, "Popen", lambda *args, **kwargs: object())
+    monkeypatch.setattr(local, "stop_server", lambda process: None)
+    monkeypatch.setattr(client, "wait_for_setup", lambda url, process, timeout: {"status": "READY"})
+    monkeypatch.setattr(cog_local, "_job_at", lambda url, inputs, args, train: sent.append(inputs) or 0)
 
     assert cog_local.main(["predict", "-i", "prompt=猫", "--weights", str(tmp_path / "weights")]) == 0
     assert len(built) == 1 and sent == [{"prompt": "猫"}]
@@ -270,18 +271,18 @@ def test_wait_for_setup_without_time_left_raises_a_timeout():
     with pytest.raises(
         TimeoutError, match=r"did not finish setup within 0 s \(last health: \{'status': 'not polled'\}\)"
     ):
-        cog_local.wait_for_setup("http://127.0.0.1:9", None, 0)
+        client.wait_for_setup("http://127.0.0.1:9", None, 0)
 
 
 def test_serve_stops_on_ctrl_c_with_one_line_and_no_traceback(tiny_checkpoint):
     # Ctrl+C in a terminal sends SIGINT to the foreground process group: here, cog_local's own group
-    port = cog_local.free_port()
+    port = client.free_port()
     command = [sys.executable, str(REPO / "scripts" / "cog_local.py"), "serve", "--port", str(port)]
     process = subprocess.Popen(
         [*command, "--weights", str(tiny_checkpoint)], stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        state = cog_local.wait_for_setup(f"http://127.0.0.1:{port}", process, 300)
+        state = client.wait_for_setup(f"http://127.0.0.1:{port}", process, 300)
         assert state["status"] == "READY", state
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=60)
@@ -290,4 +291,4 @@ def test_serve_stops_on_ctrl_c_with_one_line_and_no_traceback(tiny_checkpoint):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "Stopped the server (Ctrl+C).", err
-    assert cog_local.health(f"http://127.0.0.1:{port}")["status"] == "UNREACHABLE"
+    assert client.health(f"http://127.0.0.1:{port}")["status"] == "UNREACHABLE"

@@ -100,9 +100,10 @@ def test_the_check_finds_typos_missing_scripts_and_the_system_python():
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_a_python_without_the_packages_is_told_in_one_line_what_to_run(script):
-    # -S: without site-packages, as the system Python after `make demo` (torch, cog and jsd missing)
+    # -S: without site-packages, as the system Python after `make demo` (torch, cog and jsd missing); -E: nor
+    # PYTHONPATH, which may point at the checkout in the shell that runs the tests (and then finds jsd)
     done = subprocess.run(
-        [sys.executable, "-S", script, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO
+        [sys.executable, "-E", "-S", script, "--help"], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1, lines[-5:]
@@ -111,7 +112,11 @@ def test_a_python_without_the_packages_is_told_in_one_line_what_to_run(script):
 
 def test_python_dash_m_jsd_without_the_packages_says_what_to_run():
     done = subprocess.run(
-        [sys.executable, "-S", "-m", "jsd", "generate", "猫"], capture_output=True, text=True, timeout=60, cwd=REPO
+        [sys.executable, "-E", "-S", "-m", "jsd", "generate", "猫"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1, lines[-5:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from repofiles import REPO, load_repo_module
+from repofiles import REPO
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -147,8 +147,9 @@ def schema_command(instructions: list[tuple[str, str]]) -> re.Match:
 
 
 def test_schema_is_baked_where_coglet_reads_it_with_cog_local(dockerfile):
-    cog_local = load_repo_module("scripts/cog_local.py")
-    assert schema_command(dockerfile).group(4) == str(cog_local.SCHEMA_PATH)
+    from jsd.coghttp.local import SCHEMA_PATH
+
+    assert schema_command(dockerfile).group(4) == str(SCHEMA_PATH)
     dockerignore = (REPO / ".dockerignore").read_text().splitlines()
     assert "!scripts/cog_local.py" in dockerignore  # in the build context, removed from the image
 

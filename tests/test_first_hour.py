@@ -28,6 +28,8 @@ from loopback import LoopbackFiles
 from PIL import Image
 from repofiles import REPO
 
+from jsd.coghttp.errors import clean_error
+
 pytestmark = pytest.mark.slow
 FAST = {"width": 128, "height": 128, "num_inference_steps": 2, "seed": 1}
 CAPTIONS = ["赤い花の写真", "海辺の夕日", "猫が寝ている", "富士山と雲"]
@@ -159,7 +161,7 @@ def test_a_served_prediction_logs_only_our_lines_and_leaves_nothing_behind(
     assert foreign(lines, PREDICTION_LINES) == []
     assert leftovers(private_tmp) == []
     long_prompt, missing_file = client_errors
-    assert long_prompt.startswith('Invalid input: body.input.prompt: "猫猫猫') and len(long_prompt) < 200
+    assert long_prompt.startswith('Invalid input: `prompt`: "猫猫猫') and len(long_prompt) < 200
     assert long_prompt.endswith('…" (2,345 characters) is longer than 2000 characters'), long_prompt
     assert missing_file.startswith(f"-i lora_weights: no such file {tmp_path / 'nope.tar'} (relative paths start")
 
@@ -216,8 +218,8 @@ def test_a_training_logs_our_lines_names_skipped_files_and_leaves_nothing_behind
         files.close()
 
     reason = "is neither a .zip nor a .tar archive (zip the images with their captions)."
-    assert cog_local.clean_error(named["error"]) == f"`input_images` (my-photos.zip) {reason}"  # the URL's name
-    assert cog_local.clean_error(unnamed["error"]) == f"`input_images` {reason}"  # a data URI has none: no tmp name
+    assert clean_error(named["error"]) == f"`input_images` (my-photos.zip) {reason}"  # the URL's name
+    assert clean_error(unnamed["error"]) == f"`input_images` {reason}"  # a data URI has none: no tmp name
     assert client == f"Training failed: `input_images` (bad.zip) {reason}"
     assert "  skipped 0004.png: unreadable image (UnidentifiedImageError)" in body["logs"].splitlines()
     assert "  skipped notes.pdf: not an image" in body["logs"].splitlines()

@@ -96,7 +96,7 @@ def test_features_equal_rinnas(scorer_folder):
 def test_text_spelling_a_control_token_stays_text_unlike_rinnas(tiny_scorer):
     """rinna's slow T5Tokenizer turns "[SEP]" written in a caption into the [SEP] id; ours keeps it text.
 
-    The project's tokenizer contract (docs/design.md): text never injects a control id. Only [CLS] (first)
+    The project's tokenizer contract (jsd/tokenizer.py): text never injects a control id. Only [CLS] (first)
     and [PAD] (after the text) are control ids in a scorer's input.
     """
     tokenizer = JapaneseCLIPScorer.from_pretrained(tiny_scorer).tokenizer

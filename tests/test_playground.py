@@ -4,14 +4,13 @@ the browser tests are in tests/playground/, run by ``make playground-test``)."""
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
-import threading
 
 import pytest
 from PIL import Image
 
+from jsd.coghttp.fake import FakeCogServer, Request
 from jsd.playground import i18n
 from jsd.playground.cog_api import Outcome, is_loopback, step_of
 from jsd.playground.form import SchemaError, input_fields, request_inputs
@@ -48,11 +47,10 @@ def test_form_fields_follow_the_schema_in_order_with_bounds_and_choices():
 
 
 def test_every_input_of_the_predictor_becomes_a_widget():
-    from repofiles import load_repo_module
-
+    from jsd.coghttp.local import openapi_schema
     from jsd.playground.app import widget
 
-    fields = input_fields(load_repo_module("scripts/cog_local.py").openapi_schema())  # what coglet serves
+    fields = input_fields(openapi_schema())  # what coglet serves
     with gr.Blocks():
         widgets = {field.name: widget(field) for field in fields}
     assert {"prompt", "seed", "image", "mask", "num_inference_steps"} <= set(widgets)
@@ -135,24 +133,6 @@ def test_only_loopback_servers_get_the_webhook():
     assert not is_loopback("https://example.com") and not is_loopback("http://gpu-box:5000")
 
 
-class _FakeServer:
-    """An HTTP server on 127.0.0.1 answering GET /openapi.json with a fixed status and body."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
 @pytest.mark.parametrize(
     ("status", "body", "needle"),
     [
@@ -164,12 +144,8 @@ class _FakeServer:
 def test_an_api_that_is_not_a_cog_model_is_one_error_line(status, body, needle, capsys):
     from jsd.cli import main
 
-    fake = _FakeServer(status, body)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["playground", "--api", fake.url, "--port", "0"])
-    finally:
-        fake.httpd.shutdown()
+    with FakeCogServer(lambda request: (status, body)) as fake, pytest.raises(SystemExit) as exit_info:
+        main(["playground", "--api", fake.url, "--port", "0"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("jsd: error: ") and needle in err and err.count("\n") == 1, err
@@ -184,50 +160,41 @@ def test_an_api_where_nothing_listens_is_one_error_line(capsys):
     assert "jsd: error: --api http://127.0.0.1:9: no server answers" in err and err.count("\n") == 1, err
 
 
-class _UnreachableWebhookServer:
+def test_without_api_outside_a_model_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from jsd.cli import main
+    from jsd.coghttp import local
+
+    monkeypatch.setattr(local, "ROOT", tmp_path)  # an installed package run in a folder without predict.py
+    with pytest.raises(SystemExit) as exit_info:
+        main(["playground", "--port", "0", "--weights", str(tmp_path / "weights")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"no predict.py in {tmp_path}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "weights").exists()  # refused before writing a checkpoint
+
+
+def _never_calls_the_webhook(request: Request) -> tuple[int, dict]:
     """A Cog-like server that accepts async predictions but never calls the webhook (a remote host)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str | None]] = []  # (path, Prefer header)
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.requests.append((self.path, self.headers.get("Prefer")))
-                if self.path.endswith("/cancel"):
-                    status, body = 200, {}
-                elif self.headers.get("Prefer") == "respond-async":
-                    status, body = 202, {"status": "starting"}
-                else:
-                    status, body = 200, {"status": "succeeded", "output": [], "metrics": {"seeds": [1]}}
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(json.dumps(body).encode())
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    if request.path.endswith("/cancel"):
+        return 200, {}
+    if request.headers.get("Prefer") == "respond-async":
+        return 202, {"status": "starting"}
+    return 200, {"status": "succeeded", "output": [], "metrics": {"seeds": [1]}}
 
 
 def test_a_server_that_never_calls_the_webhook_gets_the_prediction_canceled_and_sent_synchronously():
     from jsd.playground.cog_api import CogAPI, WebhookReceiver
 
-    fake = _UnreachableWebhookServer()
     receiver = WebhookReceiver()
-    api = CogAPI(fake.url, webhook=receiver, webhook_probe=0.5)
-    try:
-        first = api.predict({"prompt": "猫"})
-        second = api.predict({"prompt": "犬"})
-    finally:
-        receiver.close()
-        fake.httpd.shutdown()
+    with FakeCogServer(_never_calls_the_webhook) as fake:
+        api = CogAPI(fake.url, webhook=receiver, webhook_probe=0.5)
+        try:
+            first = api.predict({"prompt": "猫"})
+            second = api.predict({"prompt": "犬"})
+        finally:
+            receiver.close()
 
     assert first.succeeded and second.succeeded and api.webhook is None
-    (async_path, prefer), (cancel_path, _), *sync = fake.requests
+    (async_path, prefer), (cancel_path, _), *sync = [(r.path, r.headers.get("Prefer")) for r in fake.requests]
     assert (async_path, prefer) == ("/predictions", "respond-async")
     assert cancel_path.startswith("/predictions/playground-") and cancel_path.endswith("/cancel")
     assert sync == [("/predictions", None), ("/predictions", None)]  # no second try of the webhook

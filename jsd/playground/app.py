@@ -10,7 +10,6 @@ anyway). tests/playground/ checks that a page asks nothing of any host but 127.0
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import os
@@ -22,8 +21,10 @@ import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
+from jsd.coghttp import client, datauri, local
+from jsd.coghttp.datauri import encode_bytes as _data_uri
 from jsd.playground import i18n
-from jsd.playground.cog_api import REPO, CogAPI, Outcome, PlaygroundError, WebhookReceiver, is_loopback, step_of
+from jsd.playground.cog_api import CogAPI, Outcome, PlaygroundError, WebhookReceiver, is_loopback, step_of
 from jsd.playground.form import Field, input_fields, request_inputs
 
 # Before gradio is imported: it reads these at import time.
@@ -79,10 +80,6 @@ def token_report(metrics: dict, lang: str) -> str:
     else:
         lines.append(i18n.message(lang, "not_truncated"))
     return " ".join(lines)
-
-
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def _file_input(field: Field, path: str, lang: str) -> str:
@@ -146,9 +143,7 @@ def prepare_inputs(fields: list[Field], widgets: dict[str, str], values: list, l
 
 def save_outputs(outcome: Outcome, folder: Path) -> list[tuple[str, int | None]]:
     """The output files, decoded from their data URIs byte for byte, each with its seed."""
-    from jsd.playground.cog_api import cog_local
-
-    paths = cog_local.write_outputs(outcome.body.get("output") or [], folder)
+    paths = datauri.write_prediction_output(outcome.body.get("output") or [], folder)
     seeds = list(outcome.body.get("metrics", {}).get("seeds") or [])
     if len(seeds) != len(paths):  # a flagged image is not returned: read each file's own seed
         seeds = [_embedded_seed(path) for path in paths]
@@ -351,29 +346,24 @@ def _step(span: float) -> float:
 @contextlib.contextmanager
 def local_server(weights: str, setup_timeout: float) -> Iterator[str]:
     """coglet on a free loopback port with ``weights`` (the tiny checkpoint when there are none, as ``make demo``)."""
-    from jsd.playground.cog_api import cog_local
+    from jsd.tiny import ensure_weights
 
-    demo = _load_script("demo")
+    if not (local.ROOT / local.PREDICTOR_REF.split(":")[0]).is_file():
+        raise PlaygroundError(f"no predict.py in {local.ROOT}: start it in the model's folder, or give --api")
     folder = Path(weights).resolve()
-    kind = demo.ensure_weights(folder)
-    log_path = REPO / ".cog" / "coglet-playground.log"
+    try:
+        kind = ensure_weights(folder)
+    except FileExistsError as err:
+        raise PlaygroundError(str(err)) from None
+    log_path = local.ROOT / ".cog" / "coglet-playground.log"
     log_path.parent.mkdir(exist_ok=True)
     print(f"Starting coglet with {kind} weights {folder} (server log: {log_path})", file=sys.stderr)
     if kind == "tiny":
         print("(tiny random weights: the images are noise; put real weights in weights/)", file=sys.stderr)
-    with open(log_path, "wb") as log, cog_local.running_server(folder, workdir=REPO, log=log) as (url, process):
-        state = cog_local.wait_for_setup(url, process, setup_timeout)
+    with open(log_path, "wb") as log, local.running_server(folder, workdir=local.ROOT, log=log) as (url, process):
+        state = client.wait_for_setup(url, process, setup_timeout)
         print(f"coglet at {url}: {state['status']}", file=sys.stderr)
         yield url
-
-
-def _load_script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _stop_on_sigterm() -> None:

@@ -25,8 +25,6 @@ training fails only when no image is left. Every error names ``input_images`` an
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import re
@@ -41,7 +39,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from jsd.training.data import IMAGE_EXTENSIONS, METADATA_FILE
+from jsd.captions import IMAGE_EXTENSIONS, METADATA_FILE, DatasetError, normal_name, read_captions
 
 MAX_ARCHIVE_BYTES = 2 << 30  # 2 GiB
 MAX_MEMBERS = 10_000
@@ -50,14 +48,9 @@ MAX_TOTAL_BYTES = 8 << 30  # 8 GiB unpacked
 MAX_RATIO = 100  # images barely compress (about 1:1); text 3-10:1; bombs reach 1,000:1 and more
 RATIO_CHECK_BYTES = 1 << 20  # smaller files cannot do harm, whatever their ratio
 MAX_IMAGE_PIXELS = 50_000_000  # about 7,000 × 7,000; PIL itself refuses only above 179 M
-CAPTIONS_CSV = "captions.csv"
 IGNORED = ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")  # what zip tools add on their own
 _CHUNK = 1 << 20
 MAX_SKIPPED_SHOWN = 20  # skipped files named in the training's log; training.json lists them all
-
-
-class DatasetError(ValueError):
-    """The archive cannot be trained on; the message names ``input_images``, the file and why."""
 
 
 @dataclass
@@ -107,7 +100,7 @@ def prepare_dataset(
             f"file(s): {shown}."
         )
     source, captions, skipped = read_captions(root, images, label=label)
-    skipped |= {_normal(_relative(path, dest, root)): reason for path, reason in damaged.items()}
+    skipped |= {normal_name(_relative(path, dest, root)): reason for path, reason in damaged.items()}
     known = {*images, *([source] if source != "txt" else []), *(c for c in files if c.endswith(".txt"))}
     skipped |= {f: "not an image" for f in files if f not in known}
     rows = []
@@ -317,79 +310,6 @@ def _top_folder(dest: Path) -> Path:
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return dest
-
-
-# ---------------------------------------------------------------------------------------- captions
-def read_captions(
-    root: Path, images: list[str], *, label: str, caption_column: str = "text"
-) -> tuple[str, dict[str, str], dict[str, str]]:
-    """``(source, {image: caption}, {skipped entry: reason})`` from the first caption source present.
-
-    ``caption_column``: the caption's key in ``metadata.jsonl`` (the trainer's ``--caption_column``).
-    """
-    if (root / METADATA_FILE).is_file():
-        return METADATA_FILE, *_metadata_captions(root / METADATA_FILE, label=label, caption_column=caption_column)
-    if (root / CAPTIONS_CSV).is_file():
-        return CAPTIONS_CSV, *_csv_captions(root / CAPTIONS_CSV, label=label)
-    captions = {}
-    for image in images:
-        text_file = (root / image).with_suffix(".txt")
-        if text_file.is_file():
-            captions[image] = text_file.read_text(encoding="utf-8", errors="replace").strip()
-    if not captions:
-        raise DatasetError(
-            f"{label}: none of its {len(images)} image(s) has a caption. Add {METADATA_FILE} "
-            f'({{"file_name": "0001.png", "text": "…"}} per line), {CAPTIONS_CSV} (columns file_name, caption) '
-            "or a .txt file per image (0001.txt for 0001.png)."
-        )
-    return "txt", captions, {}
-
-
-def _metadata_captions(
-    path: Path, *, label: str, caption_column: str = "text"
-) -> tuple[dict[str, str], dict[str, str]]:
-    captions, skipped = {}, {}
-    lines = _read_text(path, label=label).splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            file_name, text = entry["file_name"], entry[caption_column]
-        except (ValueError, KeyError, TypeError):
-            skipped[f"{METADATA_FILE} line {number}"] = f"not a JSON object with file_name and {caption_column}"
-            continue
-        if not isinstance(file_name, str) or not isinstance(text, str):
-            skipped[f"{METADATA_FILE} line {number}"] = f"file_name and {caption_column} must be strings"
-            continue
-        captions[_normal(file_name)] = text.strip()
-    return captions, skipped
-
-
-def _csv_captions(path: Path, *, label: str) -> tuple[dict[str, str], dict[str, str]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, label=label)))
-    if not reader.fieldnames or not {"file_name", "caption"} <= set(reader.fieldnames):
-        raise DatasetError(
-            f"{label}: {CAPTIONS_CSV} needs the columns file_name and caption; it has {reader.fieldnames}."
-        )
-    captions, skipped = {}, {}
-    for number, row in enumerate(reader, 2):
-        if not row.get("file_name") or row.get("caption") is None:
-            skipped[f"{CAPTIONS_CSV} line {number}"] = "empty file_name or caption"
-            continue
-        captions[_normal(row["file_name"])] = row["caption"].strip()
-    return captions, skipped
-
-
-def _read_text(path: Path, *, label: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{label}: {path.name} is not UTF-8 text ({err}).") from None
-
-
-def _normal(name: str) -> str:
-    return PurePosixPath(*[p for p in PurePosixPath(name.replace("\\", "/")).parts if p not in ("", ".")]).as_posix()
 
 
 # ---------------------------------------------------------------------------------------- images

@@ -56,14 +56,14 @@ def load_run_scorer(config: TrainConfig, checkpoint: Path, device: torch.device,
     ``--min_clip_score`` needs one (a missing or damaged one is an error naming it); validation only scores when
     one is there.
     """
-    from jsd.japanese_clip import SCORER_FOLDER
+    from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
     if config.min_clip_score is None and not config.validation_prompts:
         return None, None
     if config.scorer_path:
         folder, name = Path(config.scorer_path), "--scorer_path"
     else:
-        folder = checkpoint / SCORER_FOLDER
+        folder = scorer_folder(checkpoint)
         name = names.scorer or f"--pretrained_model_name_or_path {checkpoint}: its {SCORER_FOLDER}/"
     if config.min_clip_score is None and config.scorer_path is None and not folder.is_dir():
         logger.warning("No Japanese CLIP at %s: validation images are logged without scores.", folder)

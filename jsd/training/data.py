@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-METADATA_FILE = "metadata.jsonl"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+from jsd.captions import IMAGE_EXTENSIONS, METADATA_FILE
+
 CAPTION_EXTENSIONS = ("txt", "json")
 MAX_BAD_EXAMPLES = 20  # a few named examples in the report; the counts are complete
 

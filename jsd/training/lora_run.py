@@ -21,7 +21,7 @@ import torch
 
 from jsd import clip_filter
 from jsd.clip_filter import check_threshold
-from jsd.japanese_clip import SCORER_FOLDER
+from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME
 from jsd.manifest import verify_manifest
 from jsd.training.archive import log_skipped, prepare_dataset
@@ -158,7 +158,7 @@ def _check_scorer_for_filter(settings: LoraTrainingSettings, base_model: Path) -
     if settings.min_clip_score is None:
         return
     check_threshold(settings.min_clip_score, "min_clip_score")
-    if not (base_model / SCORER_FOLDER).is_dir():
+    if not scorer_folder(base_model).is_dir():
         raise ValueError(
             f"`min_clip_score` needs a Japanese CLIP scorer in the model's weights ({SCORER_FOLDER}/), and this "
             "model has none: leave `min_clip_score` empty, or use a version whose weights include the scorer."

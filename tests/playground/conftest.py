@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from repofiles import REPO, load_repo_module
+from _chromium import CHROMIUM_FLAGS  # benchmarks/, on sys.path (pyproject.toml's pytest pythonpath)
+from repofiles import REPO
 
-from jsd.playground import CHROMIUM_FLAGS
+from jsd.coghttp import client, local
 
 CHROMIUM = Path("/usr/bin/chromium")
 OUT = REPO / "build" / "playground-test"
 SETUP_TIMEOUT = 240.0
 PAGE_TIMEOUT = 180.0  # seconds: the playground's start (importing gradio on 2 busy cores) and one page load
-
-cog_local = load_repo_module("scripts/cog_local.py")
 
 
 @dataclass
@@ -34,15 +33,15 @@ class Server:
     process: subprocess.Popen
 
     def stop(self) -> None:
-        cog_local.stop_server(self.process)
+        local.stop_server(self.process)
 
     def settled_status(self, timeout: float = 30) -> str:
         """Health once a finished or canceled prediction has freed the slot (coglet frees it a moment later)."""
         deadline = time.monotonic() + timeout
-        status = cog_local.health(self.url)["status"]
+        status = client.health(self.url)["status"]
         while status == "BUSY" and time.monotonic() < deadline:
             time.sleep(0.1)
-            status = cog_local.health(self.url)["status"]
+            status = client.health(self.url)["status"]
         return status
 
 
@@ -58,9 +57,9 @@ def server(tiny_checkpoint, tmp_path_factory, output_dir):
     workdir = tmp_path_factory.mktemp("cog")
     with (
         open(output_dir / "coglet.log", "wb") as log,
-        cog_local.running_server(tiny_checkpoint, workdir=workdir, log=log) as (url, process),
+        local.running_server(tiny_checkpoint, workdir=workdir, log=log) as (url, process),
     ):
-        state = cog_local.wait_for_setup(url, process, SETUP_TIMEOUT)
+        state = client.wait_for_setup(url, process, SETUP_TIMEOUT)
         assert state["status"] == "READY", state
         yield Server(url, process)
 
@@ -68,7 +67,7 @@ def server(tiny_checkpoint, tmp_path_factory, output_dir):
 @pytest.fixture(scope="session")
 def playground(server, output_dir) -> str:
     """``python -m jsd playground --api SERVER`` on a free port; its URL. Stopped (SIGTERM) at the end."""
-    port = cog_local.free_port()
+    port = client.free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(output_dir / "playground.log", "wb") as log:
         process = subprocess.Popen(

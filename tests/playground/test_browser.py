@@ -13,12 +13,11 @@ import time
 
 import pytest
 from PIL import Image
-from repofiles import load_repo_module
 
+from jsd.coghttp import client
 from jsd.serving import read_metadata
 
 pytestmark = pytest.mark.browser
-cog_local = load_repo_module("scripts/cog_local.py")
 
 PROMPT = "サラリーマン 油絵"
 FAST = {"prompt": PROMPT, "seed": 42, "num_inference_steps": 2, "width": 128, "height": 128}
@@ -81,7 +80,7 @@ def download_bytes(page) -> list[bytes]:
 
 def direct(server, inputs: dict) -> list[bytes]:
     """The same request sent straight to the server: the decoded bytes of its data URIs."""
-    status, body = cog_local.post_prediction(server.url, inputs)
+    status, body = client.post_prediction(server.url, inputs)
     assert status == 200 and body["status"] == "succeeded", body
     return [base64.b64decode(uri.partition(",")[2]) for uri in body["output"]]
 
@@ -112,7 +111,7 @@ def test_page_loads_in_the_browsers_language_and_nothing_leaves_the_machine(open
 
 def test_every_schema_input_is_in_the_form(open_page, server):
     page = open_page("en-US")
-    schema = cog_local.fetch_schema(server.url)
+    schema = client.fetch_schema(server.url)
     properties = schema["components"]["schemas"]["Input"]["properties"]
     for name, prop in properties.items():
         block = page.locator(f"#input-{name}")
