@@ -237,8 +237,9 @@ def test_cog_local_predict_writes_the_outputs_and_fails_loudly(server, tmp_path,
     )
     assert code == 0
     written = sorted((tmp_path / "o").iterdir())
-    assert [p.name for p in written] == ["output.0.webp", "output.1.webp"]
-    assert Image.open(written[0]).size == (192, 128)
+    assert [p.name for p in written] == ["metrics.json", "output.0.webp", "output.1.webp"]
+    assert len(json.loads(written[0].read_text(encoding="utf-8"))["seeds"]) == 2  # the prediction's metrics
+    assert Image.open(written[1]).size == (192, 128)
 
     assert (
         cog_local.main(
