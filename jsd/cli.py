@@ -8,6 +8,7 @@
 .venv/bin/python -m jsd filter-data data/images --min_clip_score 20                # Japanese CLIP data filter
 .venv/bin/python -m jsd evaluate --weights out/stage2 --compare weights            # fine-tune vs base, CLIP score
 .venv/bin/python -m jsd playground                                 # the browser form, http://127.0.0.1:7860
+.venv/bin/python -m jsd distill --pretrained_model_name_or_path weights --train_data_dir data/images  # LCM-LoRA
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="output file (numbered if several)")
     gen.set_defaults(func=cmd_generate)
+    # listed for --help; main() hands every argument after "distill" to the trainer's own parser
+    commands.add_parser(
+        "distill", help="distil a 4-step LCM-LoRA from a checkpoint (flags: jsd distill --help)", add_help=False
+    )
     _add_tokenize_parser(commands)
     _add_filter_parser(commands)
     _add_evaluate_parser(commands)
@@ -413,8 +418,31 @@ def _save(result, output: Path, *, several: bool) -> None:
         print(f"image {candidate.output} candidate seed {candidate.seed}: {score}, {fate}")
 
 
+def cmd_distill(argv: list[str]) -> None:
+    """``jsd distill FLAGS``: latent consistency distillation through the trainer (diffusers' flag names)."""
+    import logging
+
+    from jsd.training.config import DistillConfig, parse_config
+
+    try:
+        config = parse_config(argv, DistillConfig, prog="jsd distill")
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    from jsd.training.trainer import train
+
+    train(config)  # the trainer logs where it wrote the LoRA
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"]:  # the trainer's parser owns these flags (one per DistillConfig field)
+        try:
+            cmd_distill(argv[1:])
+        except CLIError as err:
+            parser.exit(2, f"jsd: error: {err}\n")
+        return
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -79,8 +79,9 @@ def save_lora(
     text_encoder: torch.nn.Module | None = None,
     *,
     adapter_name: str = "default",
+    weight_name: str = LORA_WEIGHT_NAME,
 ) -> tuple[Path, Path]:
-    """Write the peft adapters of ``unet`` (and ``text_encoder``) as ``lora.safetensors`` and its kohya twin.
+    """Write the peft adapters of ``unet`` (and ``text_encoder``) as ``weight_name`` and its kohya twin.
 
     diffusers' calls throughout (train_text_to_image_lora.py): ``get_peft_model_state_dict`` →
     ``convert_state_dict_to_diffusers`` → ``save_lora_weights``; the kohya file is
@@ -102,9 +103,9 @@ def save_lora(
             text_layers = {f"text_model.{key}": value for key, value in text_layers.items()}
     StableDiffusionPipeline.save_lora_weights(
         folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_layers),
+        unet_lora_layers=uniform_unet_keys(unet_layers),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(text_layers) if text_layers else None,
-        weight_name=LORA_WEIGHT_NAME,
+        weight_name=weight_name,
         safe_serialization=True,
     )
     peft_layers = {f"unet.{k}": v for k, v in unet_layers.items()} | {
@@ -112,7 +113,23 @@ def save_lora(
     }
     kohya = convert_state_dict_to_kohya(peft_layers)
     save_file({k: v.contiguous() for k, v in kohya.items()}, folder / KOHYA_WEIGHT_NAME)
-    return folder / LORA_WEIGHT_NAME, folder / KOHYA_WEIGHT_NAME
+    return folder / weight_name, folder / KOHYA_WEIGHT_NAME
+
+
+def uniform_unet_keys(peft_layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA keys in one format: diffusers' old ``….to_k.lora.down`` when every layer has one, else peft's.
+
+    ``convert_state_dict_to_diffusers`` renames attention layers only (``to_q``/``to_k``/``to_v``/``to_out``);
+    an LCM-LoRA's convolutions and feed-forward layers keep peft's ``lora_A``. diffusers' ``load_lora_adapter``
+    (diffusers 0.42, loaders/peft.py) decides from the *first key alone* whether to convert a UNet state dict,
+    so a file mixing the two would lose one half (with a warning only). peft's keys load as they are.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(peft_layers)
+    if any(".lora_A." in key or ".lora_B." in key for key in converted):
+        return peft_layers
+    return converted
 
 
 # ---------------------------------------------------------------------------------------- resolving

@@ -17,7 +17,10 @@ import pytest
 from repofiles import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
-STEPS = ["weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training", "clip-score"]
+STEPS = [
+    "weights", "pytest-gpu", "production", "speed", "pixel-budget", "oom", "compile", "training", "clip-score",
+    "fast-mode",
+]  # fmt: skip
 # Claims only a GPU can measure: the dry run must say so, never fake them.
 GPU_ONLY = {
     ("pytest-gpu", "gpu tests ran"),  # they skip without CUDA

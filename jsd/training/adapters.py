@@ -28,6 +28,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from jsd.lora_weights import (
+    LORA_WEIGHT_NAME,
     TEXT_ENCODER_TARGET_MODULES,
     TRAINING_INFO_NAME,
     UNET_TARGET_MODULES,
@@ -41,8 +42,18 @@ TARGET_MODULES = {"unet": UNET_TARGET_MODULES, "text_encoder": TEXT_ENCODER_TARG
 CHECKPOINT_FILE = "lora_adapters.safetensors"  # peft state dicts, "unet."/"text_encoder." prefixed
 
 
-def add_lora_adapters(components: dict, names: tuple[str, ...], *, rank: int, seed: int) -> dict[str, torch.nn.Module]:
+def add_lora_adapters(
+    components: dict,
+    names: tuple[str, ...],
+    *,
+    rank: int,
+    seed: int,
+    target_modules: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, torch.nn.Module]:
     """Add a trainable rank-``rank`` LoRA adapter to each of ``names``; returns those modules (train mode).
+
+    ``target_modules`` per module name (default :data:`TARGET_MODULES`: attention only); LCM-LoRA distillation
+    targets convolutions and feed-forward layers too.
 
     The modules must already be frozen (``requires_grad`` off, in the weight dtype): only the adapters train,
     and they are kept in fp32 (diffusers' ``cast_training_params``) whatever the frozen weights' dtype.
@@ -52,7 +63,10 @@ def add_lora_adapters(components: dict, names: tuple[str, ...], *, rank: int, se
     for name in names:
         module = components[name]
         config = LoraConfig(
-            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES[name])
+            r=rank,
+            lora_alpha=rank,
+            init_lora_weights="gaussian",
+            target_modules=list((target_modules or {}).get(name, TARGET_MODULES[name])),
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -97,11 +111,14 @@ def register_lora_checkpointing(accelerator: Accelerator, trained: dict[str, tor
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def export_lora(output_dir: Path, trained: dict[str, torch.nn.Module], info: dict) -> Path:
-    """Write ``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` into ``output_dir`` atomically."""
+def export_lora(
+    output_dir: Path, trained: dict[str, torch.nn.Module], info: dict, *, weight_name: str | None = None
+) -> Path:
+    """Write ``lora.safetensors`` (or ``weight_name``), ``lora_kohya.safetensors`` and ``training.json``
+    into ``output_dir`` atomically."""
     staging = output_dir.parent / f".{output_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    save_lora(staging, trained["unet"], trained.get("text_encoder"))
+    save_lora(staging, trained["unet"], trained.get("text_encoder"), weight_name=weight_name or LORA_WEIGHT_NAME)
     (staging / TRAINING_INFO_NAME).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     swap_into_place(staging, output_dir)
     return output_dir

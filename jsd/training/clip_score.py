@@ -23,13 +23,16 @@ from PIL import Image
 
 from jsd import clip_filter
 from jsd.schedulers import DEFAULT_SCHEDULER, make_scheduler
-from jsd.training.config import TrainConfig
+from jsd.training.config import DistillConfig, TrainConfig
 from jsd.training.data import ImageFolderSource
 
 logger = logging.getLogger(__name__)
 
 FILTER_FOLDER, VALIDATION_FOLDER, VALIDATION_FILE = "clip_filter", "validation", "validation.json"
 VALIDATION_INFERENCE_STEPS = 25  # rinna's README used 50 LMS steps; 25 DPM-Solver++ steps look alike
+# A distilled LCM-LoRA is validated as diffusers' LCM-LoRA script does: LCMScheduler, 4 steps, guidance 1.
+DISTILL_VALIDATION_STEPS = 4
+DISTILL_VALIDATION_GUIDANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class Validator:
         pipe = JapaneseStableDiffusionPipeline(
             **modules,
             tokenizer=self.components["tokenizer"],
-            scheduler=make_scheduler(DEFAULT_SCHEDULER, self.scheduler_config),
+            scheduler=self._scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -180,6 +183,9 @@ class Validator:
         prompts = list(self.config.validation_prompts)
         seeds = [self.config.seed + i for i in range(len(prompts))]
         side = self.config.resolution
+        steps, guidance_scale = VALIDATION_INFERENCE_STEPS, 7.5  # 7.5: the pipeline's default
+        if isinstance(self.config, DistillConfig):
+            steps, guidance_scale = DISTILL_VALIDATION_STEPS, DISTILL_VALIDATION_GUIDANCE
         images = []
         try:
             for m in modules.values():
@@ -189,7 +195,8 @@ class Validator:
                     generator = torch.Generator("cpu").manual_seed(seed)  # the same noise on every device
                     images += pipe(
                         prompt,
-                        num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
                         generator=generator,
                         height=side,
                         width=side,
@@ -198,6 +205,11 @@ class Validator:
             for name, m in modules.items():
                 m.train(training[name])
         return ValidationResult(step, prompts, seeds, images, None)
+
+    def _scheduler(self):
+        if isinstance(self.config, DistillConfig):
+            return lcm_scheduler(self.scheduler_config, self.config.num_ddim_timesteps)
+        return make_scheduler(DEFAULT_SCHEDULER, self.scheduler_config)
 
     def _log(self, result: ValidationResult) -> None:
         scores = result.clip_scores
@@ -217,3 +229,14 @@ class Validator:
             values = {"validation/clip_score_mean": statistics.fmean(scores)}
             values |= {f"validation/clip_score_{i:02d}": s for i, s in enumerate(scores)}
             self.accelerator.log(values, step=result.step)
+
+
+def lcm_scheduler(scheduler_config: dict, num_ddim_timesteps: int):
+    """diffusers' ``LCMScheduler`` with its timesteps on the distillation's DDIM grid (``original_inference_steps``)."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    known = inspect.signature(LCMScheduler.__init__).parameters  # PNDM's skip_prk_steps would only be warned about
+    config = {key: value for key, value in scheduler_config.items() if key in known}
+    return LCMScheduler.from_config(config, original_inference_steps=num_ddim_timesteps)

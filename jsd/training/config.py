@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # The one place where the two stages of the recipe differ: which components are trained.
 # Every other component is frozen (requires_grad False, eval mode). The VAE never trains.
@@ -128,6 +128,16 @@ class TrainConfig:
     checkpoints_total_limit: int | None = opt(None, "Keep at most this many checkpoints (oldest deleted).", type=int)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint folder to resume from.")
 
+    description: ClassVar[str] = (
+        "Fine-tune Japanese Stable Diffusion (stage 1: text encoder; stage 2: text encoder + UNet)."
+    )
+    # Settings beyond the trainer's own RESUME_MUST_MATCH that a resumed run must keep (a subclass adds its own).
+    resume_keys: ClassVar[tuple[str, ...]] = ()
+
+    def lora_target_modules_of(self) -> dict[str, tuple[str, ...]]:
+        """Which layers of each module get LoRA adapters; empty: :mod:`jsd.training.adapters`' defaults."""
+        return {}
+
     @property
     def trained_modules(self) -> tuple[str, ...]:
         """The modules that train: per stage, or those that carry LoRA adapters (``--lora_rank``)."""
@@ -202,14 +212,15 @@ def _require_positive(name: str, value: int) -> None:
         raise ValueError(f"`--{name}`={value} must be a positive integer.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per :class:`TrainConfig` field; unset flags stay absent so the config file can fill them."""
+def build_parser(cls: type[TrainConfig] = TrainConfig, prog: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of ``cls``; unset flags stay absent so the config file can fill them."""
     parser = argparse.ArgumentParser(
-        description="Fine-tune Japanese Stable Diffusion (stage 1: text encoder; stage 2: text encoder + UNet).",
+        prog=prog,
+        description=cls.description,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="JSON file of overrides, e.g. configs/train/stage1.json.")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"help": f"{meta.pop('help')} (default: {default!r})"}
@@ -222,21 +233,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_overrides(path: str | Path) -> dict:
+def load_overrides(path: str | Path, cls: type[TrainConfig] = TrainConfig) -> dict:
     """The settings of a JSON config file; unknown keys are an error (a typo would silently do nothing)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`--config` file {path} does not exist.")
     data = json.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"`--config` {path} has unknown settings {unknown}; allowed: {sorted(known)}.")
     return data
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults < ``--config`` file < command-line flags, validated."""
-    args = vars(build_parser().parse_args(argv))
-    overrides = load_overrides(args.pop("config")) if "config" in args else {}
-    return TrainConfig(**(overrides | args)).validate()
+def parse_config(
+    argv: list[str] | None = None, cls: type[TrainConfig] = TrainConfig, prog: str | None = None
+) -> TrainConfig:
+    """Defaults < ``--config`` file < command-line flags, validated (``cls``: :class:`DistillConfig` to distil)."""
+    args = vars(build_parser(cls, prog).parse_args(argv))
+    overrides = load_overrides(args.pop("config"), cls) if "config" in args else {}
+    return cls(**(overrides | args)).validate()
+
+
+# The LoRA layers of diffusers' train_lcm_distill_lora_sd_wds.py (its default --lora_target_modules): attention,
+# feed-forward, ResNet convolutions, resamplers and time embeddings: far more than a style LoRA's attention.
+LCM_LORA_TARGET_MODULES = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)  # fmt: skip
+DISTILL_LOSS_TYPES = ("l2", "huber")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """Distil a 4-step LCM-LoRA from a JSD checkpoint (latent consistency distillation, jsd distill).
+
+    The recipe and flag names of diffusers' ``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``
+    (huggingface/diffusers): the checkpoint with classifier-free guidance is the teacher, a DDIM solver over
+    ``num_ddim_timesteps`` skipped steps, the guidance scale sampled per example in [``w_min``, ``w_max``], an
+    L2 or pseudo-Huber loss, LoRA on the UNet only. The loss lives in :mod:`jsd.training.distill_step`; the
+    trainer (data, accelerate, checkpoints, validation, export) is :mod:`jsd.training.trainer`'s own.
+    """
+
+    lora_rank: int | None = opt(64, "Rank of the UNet's LoRA (diffusers' --lora_rank).", type=int)
+    lora_target_modules: str = opt(
+        ",".join(LCM_LORA_TARGET_MODULES), "Comma-separated UNet layer names that get LoRA (diffusers' default)."
+    )
+    caption_dropout: float = opt(
+        0.0, "Probability of replacing a caption by '' (diffusers' --proportion_empty_prompts)."
+    )
+    num_ddim_timesteps: int = opt(50, "Steps of the DDIM solver the teacher takes (k = 1000 / this apart).")
+    w_min: float = opt(5.0, "Lowest guidance scale w drawn per example (LCM's form: the teacher's CFG is 1 + w).")
+    w_max: float = opt(15.0, "Highest guidance scale w drawn per example.")
+    loss_type: str = opt(
+        "huber", "Consistency loss: 'huber' (pseudo-Huber, LCM-LoRA) or 'l2'.", choices=DISTILL_LOSS_TYPES
+    )
+    huber_c: float = opt(0.001, "The pseudo-Huber loss's c (--loss_type huber).")
+    timestep_scaling_factor: float = opt(10.0, "Scales t in the consistency boundary conditions c_skip, c_out.")
+    output_dir: str = opt("jsd-lcm-lora", "Where the LoRA (diffusers + kohya files, training.json) is written.")
+    tracker_project_name: str = opt("jsd-distill", "Project name given to the tracker.")
+
+    description: ClassVar[str] = "Distil a 4-step LCM-LoRA for Japanese Stable Diffusion (latent consistency)."
+    resume_keys: ClassVar[tuple[str, ...]] = (
+        "lora_target_modules", "num_ddim_timesteps", "w_min", "w_max", "loss_type", "huber_c",
+        "timestep_scaling_factor", "prediction_type",
+    )  # fmt: skip
+
+    def lora_target_modules_of(self) -> dict[str, tuple[str, ...]]:
+        return {"unet": tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())}
+
+    def validate(self) -> DistillConfig:
+        if self.lora_rank is None:
+            raise ValueError("`--lora_rank` is required: distillation trains a LoRA on the UNet.")
+        if self.train_text_encoder:
+            raise ValueError("`--train_text_encoder` is not part of LCM-LoRA distillation: the LoRA is UNet-only.")
+        super().validate()
+        if not self.lora_target_modules_of()["unet"]:
+            raise ValueError(f"`--lora_target_modules`={self.lora_target_modules!r} names no layer.")
+        _require_positive("num_ddim_timesteps", self.num_ddim_timesteps)
+        if self.num_ddim_timesteps > 1000:
+            raise ValueError(f"`--num_ddim_timesteps`={self.num_ddim_timesteps} must be at most 1000.")
+        if not 0.0 <= self.w_min <= self.w_max:
+            raise ValueError(f"`--w_min`={self.w_min} and `--w_max`={self.w_max} need 0 <= w_min <= w_max.")
+        if self.huber_c <= 0:
+            raise ValueError(f"`--huber_c`={self.huber_c} must be positive.")
+        if self.timestep_scaling_factor <= 0:
+            raise ValueError(f"`--timestep_scaling_factor`={self.timestep_scaling_factor} must be positive.")
+        return self

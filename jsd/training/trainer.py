@@ -4,7 +4,9 @@
 :data:`jsd.training.config.TRAINED_MODULES`), checkpoints every ``checkpointing_steps``, resumes
 exactly, and ends with the served layout (safetensors + manifest) in ``output_dir``. With
 ``--lora_rank`` it trains peft LoRA adapters instead (:mod:`jsd.training.adapters`) and ends with
-``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` in ``output_dir``.
+``lora.safetensors``, ``lora_kohya.safetensors`` and ``training.json`` in ``output_dir``. With a
+:class:`~jsd.training.config.DistillConfig` (``jsd distill``) the loss is latent consistency distillation
+(:mod:`jsd.training.distill_step`) and the LoRA is written as ``pytorch_lora_weights.safetensors``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from jsd.convert import SERVED_DTYPE, ConversionError, _check_finite
 from jsd.loading import load_components, load_scheduler, resolve_checkpoint
 from jsd.manifest import swap_into_place, write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
-from jsd.training import adapters, checkpointing, clip_score
-from jsd.training.config import TrainConfig
+from jsd.training import adapters, checkpointing, clip_score, distill_step
+from jsd.training.config import DistillConfig, TrainConfig
 from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
 from jsd.training.models import freeze_for_stage, load_training_components
 from jsd.training.step import diffusion_loss, drop_captions, tokenize
@@ -54,6 +56,9 @@ RESUME_MUST_MATCH = (
     "train_text_encoder",
     "min_clip_score",
 )
+# diffusers' own LoRA file name (LORA_WEIGHT_NAME_SAFE): `load_lora_weights(folder)` finds it without a weight_name,
+# as it does in latent-consistency/lcm-lora-sdv1-5.
+DISTILLED_LORA_NAME = "pytorch_lora_weights.safetensors"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -89,7 +94,7 @@ class RunState:
 
 def run_settings(config: TrainConfig, accelerator: Accelerator) -> dict[str, str]:
     """The :data:`RESUME_MUST_MATCH` settings, as saved in checkpoints; mixed precision as accelerate resolved it."""
-    settings = {key: str(getattr(config, key)) for key in RESUME_MUST_MATCH}
+    settings = {key: str(getattr(config, key)) for key in (*RESUME_MUST_MATCH, *config.resume_keys)}
     settings["mixed_precision"] = accelerator.mixed_precision  # the flag may be left to accelerate's config
     return settings
 
@@ -123,7 +128,11 @@ def train(config: TrainConfig, *, names: clip_score.UserNames = clip_score.SCRIP
     else:  # everything frozen in the weight dtype; only the adapters train
         freeze_for_stage(components, (), device=accelerator.device, weight_dtype=weight_dtype)
         trained = adapters.add_lora_adapters(
-            components, config.trained_modules, rank=config.lora_rank, seed=config.seed
+            components,
+            config.trained_modules,
+            rank=config.lora_rank,
+            seed=config.seed,
+            target_modules=config.lora_target_modules_of(),
         )
         adapters.register_lora_checkpointing(accelerator, trained)
     if config.gradient_checkpointing:
@@ -144,6 +153,11 @@ def train(config: TrainConfig, *, names: clip_score.UserNames = clip_score.SCRIP
     optimizer, lr_scheduler = prepared[len(trained) :]
     components |= trained
     emas = make_emas(accelerator, trained, config)
+    if isinstance(config, DistillConfig):  # the DDIM solver's grid, and the UNet whose LoRA the teacher switches off
+        components["solver"] = distill_step.make_solver(components["noise_scheduler"], config.num_ddim_timesteps).to(
+            accelerator.device
+        )
+        components["lora_unet"] = accelerator.unwrap_model(trained["unet"])
 
     # one generator per process for caption dropout, VAE sampling, noise and timesteps; saved in checkpoints
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
@@ -185,7 +199,8 @@ def train(config: TrainConfig, *, names: clip_score.UserNames = clip_score.SCRIP
             info["clip_filter"] = data_filter.to_json()
         if validator.last is not None:
             info["validation"] = validator.last.to_json()
-        adapters.export_lora(Path(config.output_dir), final, info)
+        weight_name = DISTILLED_LORA_NAME if isinstance(config, DistillConfig) else None
+        adapters.export_lora(Path(config.output_dir), final, info, weight_name=weight_name)
         if validator.last is not None:  # the last validation images beside training.json (the Cog .tar takes them)
             validator.last.save(Path(config.output_dir) / clip_score.VALIDATION_FOLDER)
         logger.info("Saved the LoRA to %s", config.output_dir)
@@ -367,6 +382,24 @@ def run_steps(
 def batch_loss(accelerator, config, components, batch, generator) -> torch.Tensor:
     texts = drop_captions(batch["text"], config.caption_dropout, generator)
     input_ids = tokenize(components["tokenizer"], texts).to(accelerator.device)
+    if isinstance(config, DistillConfig):
+        return distill_step.distillation_loss(
+            unet=components["unet"],
+            lora_unet=components["lora_unet"],
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            noise_scheduler=components["noise_scheduler"],
+            solver=components["solver"],
+            pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
+            input_ids=input_ids,
+            uncond_ids=tokenize(components["tokenizer"], [""] * len(texts)).to(accelerator.device),
+            generator=generator,
+            w_min=config.w_min,
+            w_max=config.w_max,
+            loss_type=config.loss_type,
+            huber_c=config.huber_c,
+            timestep_scaling=config.timestep_scaling_factor,
+        )
     return diffusion_loss(
         unet=components["unet"],
         vae=components["vae"],
