@@ -32,6 +32,12 @@ container-test: venv
 container-test-cuda: venv
 	scripts/container_test.sh --cuda
 
+# deploy/ (Compose + HAProxy) with 3 CPU replicas of jsd:cpu (built as container-test builds it when missing) and a
+# proxy image of Debian's haproxy from debootstrap, checked through the proxy. See docs/self-hosting.md.
+.PHONY: cluster-test
+cluster-test: venv
+	scripts/cluster_test.sh
+
 # The browser playground (docs/playground.md): on 127.0.0.1:7860, over a coglet it starts on weights/.
 .PHONY: playground playground-test
 playground: venv

@@ -25,6 +25,7 @@
 # 6. The container checks, one PASS/FAIL line each; the exit status is theirs.
 # It leaves one image, jsd:cpu (jsd:cuda): the temporary images, the check containers and dangling build cache go.
 #
+#   scripts/container_test.sh --build-only    # jsd:cpu without the checks (scripts/cluster_test.sh builds with it)
 #   scripts/container_test.sh --pick-docker   # only print the docker client it would use (exit 1: none fits)
 #
 # Environment: PYTHON (default .venv/bin/python); DOCKER (the docker CLI; default: the first client that can
@@ -42,48 +43,10 @@ variant=cpu
 base_image="jsd-container-test/base:bookworm"
 wheelhouse_image="jsd-container-test/wheelhouse:latest"
 base_packages="python3,python3-venv,ca-certificates,tini"
+build_only=""
 
-log() { printf '==> %s\n' "$*" >&2; }
-fail() {
-    printf 'error: %s\n' "$*" >&2
-    exit 1
-}
-
-# Whether the docker client $1 can run `DOCKER_BUILDKIT=1 docker build`. The Dockerfile needs BuildKit (RUN
-# --mount). Clients before Docker 23 (Debian bookworm's docker.io: 20.10) run BuildKit themselves; from 23 on,
-# `docker build` with DOCKER_BUILDKIT=1 is handed to the buildx plugin, and without it stops at once with
-# "BuildKit is enabled but the buildx component is missing or broken" (docker/cli, cmd/docker/builder.go,
-# processBuilder). Neither test needs a daemon.
-can_buildkit() {
-    "$1" buildx version > /dev/null 2>&1 && return 0
-    local version
-    version="$("$1" --version 2> /dev/null | sed -n 's/^Docker version \([0-9][0-9]*\)\..*/\1/p')"
-    [ -n "$version" ] && [ "$version" -lt 23 ]
-}
-
-# Print the docker client to use: $DOCKER when set (and able), else the first able one of the engine's own
-# client ($JSD_ENGINE_DOCKER, default /usr/bin/docker) and each `docker` on PATH. Status 1, with the reason on
-# stderr, when none is able: run it again after installing the engine, never keep an earlier answer.
-choose_docker() {
-    local candidates=() candidate
-    if [ -n "${DOCKER:-}" ]; then
-        candidates=("$DOCKER")
-    else
-        candidates=("${JSD_ENGINE_DOCKER:-/usr/bin/docker}")
-        while IFS= read -r candidate; do candidates+=("$candidate"); done < <(type -ap docker)
-    fi
-    for candidate in "${candidates[@]}"; do
-        if [ -x "$candidate" ] && can_buildkit "$candidate"; then
-            echo "$candidate"
-            return 0
-        fi
-    done
-    printf 'no docker client here can build with BuildKit (tried: %s): Docker 23+ needs the buildx plugin,' \
-        "${candidates[*]}" >&2
-    printf ' or install Debian'"'"'s docker.io (its 20.10 client needs none)%s\n' \
-        "${DOCKER:+; or unset DOCKER}" >&2
-    return 1
-}
+# shellcheck source=scripts/docker_env.sh
+source scripts/docker_env.sh
 
 case "${1:-}" in
     --pick-docker)
@@ -91,15 +54,13 @@ case "${1:-}" in
         exit
         ;;
     --cuda) variant=cuda ;;
+    --build-only) build_only=1 ;;
     "") ;;
-    *) fail "unknown argument $1 (usage: scripts/container_test.sh [--cuda | --pick-docker])" ;;
+    *) fail "unknown argument $1 (usage: scripts/container_test.sh [--cuda | --build-only | --pick-docker])" ;;
 esac
 image="jsd:$variant"
-since() { echo $(($(date +%s) - $1)); }
-show_log() { tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2; }
 
 started=$(date +%s)
-started_dockerd=""
 workdir=""
 
 cleanup() {
@@ -110,18 +71,7 @@ cleanup() {
         "$DOCKER" builder prune --force > /dev/null 2>&1 || true
     fi
     if [ -n "$workdir" ]; then rm -rf "$workdir"; fi
-    if [ -n "$started_dockerd" ]; then
-        log "stopping the dockerd this script started (pid $started_dockerd)"
-        kill "$started_dockerd" 2> /dev/null || true
-        for _ in $(seq 60); do
-            kill -0 "$started_dockerd" 2> /dev/null || break
-            sleep 0.5
-        done
-        if kill -0 "$started_dockerd" 2> /dev/null; then
-            log "dockerd (pid $started_dockerd) did not stop within 30 s: killing it"
-            kill -9 "$started_dockerd" 2> /dev/null || true
-        fi
-    fi
+    stop_started_dockerd
     exit "$status"
 }
 trap cleanup EXIT
@@ -132,66 +82,9 @@ workdir="$(mktemp -d "${TMPDIR:-/tmp}/jsd-container-test.XXXXXX")"
 [ -x "$python" ] || fail "no Python at $python: run 'make venv' (or set PYTHON)"
 git rev-parse --show-toplevel > /dev/null 2>&1 || fail "the build context comes from git ls-files: run this in a git checkout"
 
-# Debian packages for the commands named, when missing (needs root: apt-get).
-install_missing() {
-    local packages=()
-    for cmd in "$@"; do
-        if ! command -v "$cmd" > /dev/null; then
-            case "$cmd" in dockerd) packages+=(docker.io) ;; *) packages+=("$cmd") ;; esac
-        fi
-    done
-    [ ${#packages[@]} -gt 0 ] || return 0
-    [ "$(id -u)" = 0 ] || fail "${packages[*]} missing, and installing them needs root: apt-get install ${packages[*]}"
-    log "installing ${packages[*]} (apt-get)"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"; } \
-        > "$cache/apt.log" 2>&1; then
-        show_log "$cache/apt.log"
-        fail "apt-get install ${packages[*]} failed (log: $cache/apt.log)"
-    fi
-}
-
-# Start dockerd in the background (vfs: works inside a container; no bridge: builds and checks need no NAT) and
-# wait for it to answer; the cleanup stops it.
-start_dockerd() {
-    local driver="${JSD_DOCKER_STORAGE_DRIVER:-vfs}" root=/var/lib/docker
-    # BuildKit's cache (ROOT/buildkit) outlives a change of storage driver and then names layers the new
-    # driver lacks ("failed to prepare ...: stat /var/lib/docker/vfs/dir/...: no such file"): one root each.
-    if [ "$driver" != vfs ]; then root="/var/lib/docker-$driver"; fi
-    log "starting dockerd ($driver storage in $root, no bridge network; log: $cache/dockerd.log)"
-    dockerd --storage-driver="$driver" --data-root="$root" --iptables=false --ip-masq=false --bridge=none \
-        > "$cache/dockerd.log" 2>&1 &
-    started_dockerd=$!
-    for _ in $(seq 120); do
-        "$DOCKER" info > /dev/null 2>&1 && return 0
-        if ! kill -0 "$started_dockerd" 2> /dev/null; then
-            started_dockerd=""
-            show_log "$cache/dockerd.log" 15
-            fail "dockerd exited before it answered (log above, in full: $cache/dockerd.log)"
-        fi
-        sleep 0.5
-    done
-    show_log "$cache/dockerd.log" 15
-    fail "dockerd did not answer within 60 s (log: $cache/dockerd.log)"
-}
-
 # ---- 1. the Docker daemon ---------------------------------------------------------------------------------
 step=$(date +%s)
-# The client is chosen again once the engine is installed: a bare machine may hold only a client that cannot
-# build (Docker 28 without buildx), and docker.io brings its own.
-client="$(choose_docker 2> /dev/null || true)"
-if [ -n "$client" ] && "$client" info > /dev/null 2>&1; then
-    DOCKER="$client"
-    log "using the running Docker daemon ($DOCKER)"
-else
-    install_missing dockerd
-    DOCKER="$(choose_docker)" || fail "no docker client that can build this Dockerfile (reason above)"
-    if "$DOCKER" info > /dev/null 2>&1; then
-        log "using the running Docker daemon ($DOCKER)"
-    else
-        start_dockerd
-    fi
-fi
-export DOCKER
+docker_ready
 # Leftovers of an interrupted earlier run.
 leftovers="$("$DOCKER" ps --all --quiet --filter name=jsd-check-)"
 if [ -n "$leftovers" ]; then
@@ -203,21 +96,8 @@ log "docker ready in $(since "$step") s: $("$DOCKER" version --format 'client {{
 
 # ---- 2. the base image -------------------------------------------------------------------------------------
 step=$(date +%s)
-base_tar="$cache/base-bookworm-minbase-$(echo "$base_packages" | sha256sum | cut -c1-12).tar"
-if [ ! -f "$base_tar" ]; then
-    install_missing debootstrap
-    log "debootstrap bookworm minbase with $base_packages (about 1.5 min; log: $cache/debootstrap.log)"
-    if ! debootstrap --variant=minbase --include="$base_packages" bookworm "$workdir/rootfs" \
-        > "$cache/debootstrap.log" 2>&1; then
-        show_log "$cache/debootstrap.log"
-        fail "debootstrap failed (log: $cache/debootstrap.log)"
-    fi
-    tar -C "$workdir/rootfs" -cf "$base_tar.tmp" .
-    mv "$base_tar.tmp" "$base_tar"
-    rm -rf "$workdir/rootfs"
-fi
-"$DOCKER" import "$base_tar" "$base_image" > /dev/null
-log "base image $base_image in $(since "$step") s (root file system: $base_tar)"
+debootstrap_image "$base_packages" "$base_image" "$workdir"
+log "base image $base_image in $(since "$step") s"
 
 # ---- 3. the wheelhouse -------------------------------------------------------------------------------------
 step=$(date +%s)
@@ -297,6 +177,11 @@ fi
 size="$("$DOCKER" image inspect --format '{{.Size}}' "$image")"
 log "built $image in $build_seconds s: $((size / 1000000)) MB; its layers, newest first:"
 "$DOCKER" history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | cut -c1-150 | sed 's/^/    /' >&2
+
+if [ -n "$build_only" ]; then
+    log "--build-only: no checks; container-test in total $(since "$started") s"
+    exit 0
+fi
 
 # ---- 6. the checks -----------------------------------------------------------------------------------------
 step=$(date +%s)
