@@ -1,6 +1,6 @@
 """The Gradio app: the model's own form (from ``/openapi.json``) over Cog's HTTP API.
 
-    python -m jsd playground                         # starts coglet on weights/ (tiny if none), opens :7860
+    python -m jsd playground                         # starts coglet on weights/ (toy or tiny if none), opens :7860
     python -m jsd playground --api http://127.0.0.1:5000   # any running Cog server of this model
 
 Nothing leaves the machine: Gradio's analytics are off, there is no share link, and the theme names the
@@ -589,8 +589,9 @@ def _step(span: float) -> float:
 
 @contextlib.contextmanager
 def local_server(weights: str, setup_timeout: float) -> Iterator[str]:
-    """coglet on a free loopback port with ``weights`` (the tiny checkpoint when there are none, as ``make demo``)."""
+    """coglet on a free loopback port with ``weights`` (toy or tiny when there are none, as ``make demo``)."""
     from jsd.tiny import ensure_weights
+    from jsd.toyworld import TOY_NOTE, TOY_PROMPT
 
     if not (local.ROOT / local.PREDICTOR_REF.split(":")[0]).is_file():
         raise PlaygroundError(f"no predict.py in {local.ROOT}: start it in the model's folder, or give --api")
@@ -604,6 +605,8 @@ def local_server(weights: str, setup_timeout: float) -> Iterator[str]:
     print(f"Starting coglet with {kind} weights {folder} (server log: {log_path})", file=sys.stderr)
     if kind == "tiny":
         print("(tiny random weights: the images are noise; put real weights in weights/)", file=sys.stderr)
+    if kind == "toy":
+        print(f"(toy weights: {TOY_NOTE}; ask for 128x128 shapes such as {TOY_PROMPT})", file=sys.stderr)
     with open(log_path, "wb") as log, local.running_server(folder, workdir=local.ROOT, log=log) as (url, process):
         state = client.wait_for_setup(url, process, setup_timeout)
         print(f"coglet at {url}: {state['status']}", file=sys.stderr)
