@@ -1,10 +1,11 @@
-"""What the benchmarks share: the machine's description, the tokenizer to use, medians.
+"""What the benchmarks share: the machine's description, the tokenizer to use, medians, training images.
 
 Benchmarks print figures; they assert nothing (timings are not tests).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -58,3 +59,19 @@ def median(values: list[float]) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_captioned_images(folder: Path, side: int, captions: list[str], count: int, noise_step: int) -> Path:
+    """Seeded noise images with Japanese captions (``metadata.jsonl``), as scripts/train.py and jsd distill read them.
+
+    Image ``i`` is PIL's Gaussian noise of deviation ``32 + noise_step * i``, captioned ``captions[i % len]``.
+    """
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        Image.effect_noise((side, side), 32 + noise_step * i).convert("RGB").save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": captions[i % len(captions)]}, ensure_ascii=False))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

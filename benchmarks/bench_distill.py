@@ -28,13 +28,13 @@ something (the toy-world checkpoint, issue 22).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 try:
     import torch
+    from bench_common import write_captioned_images  # benchmarks/ is on sys.path
     from diffusers import DDIMScheduler
 
     from jsd.serving import load_pipeline
@@ -55,15 +55,7 @@ STUDENT_STEPS = (1, 2, 4)  # LCM steps compared (fast mode samples 4)
 
 def write_images(folder: Path, side: int, count: int = 8) -> Path:
     """Seeded noise images with the prompts as captions (metadata.jsonl)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(count):
-        Image.effect_noise((side, side), 32 + 8 * i).convert("RGB").save(folder / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]}, ensure_ascii=False))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return write_captioned_images(folder, side, PROMPTS, count=count, noise_step=8)
 
 
 def distill(checkpoint: Path, data: Path, output: Path, flags: list[str]) -> Path:

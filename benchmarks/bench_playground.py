@@ -3,6 +3,7 @@ request sent straight to Cog's API (one run, one server, the ratio printed).
 
     python benchmarks/bench_playground.py                    # tiny checkpoint, 3 rounds
     python benchmarks/bench_playground.py --weights weights/ --steps 25 --size 512
+    python benchmarks/bench_playground.py --before main      # also main's playground, in the same run
 
 It starts ``python -m jsd playground`` *without* ``--api`` (so the playground starts its own coglet on a
 free loopback port, as a user's first run does) and drives it in headless Debian Chromium (``/usr/bin/chromium``,
@@ -10,15 +11,20 @@ free loopback port, as a user's first run does) and drives it in headless Debian
 press to the gallery's message, so it includes the async request, the webhook's events, decoding the data
 URI, Gradio's file serving and the browser's rendering) and one synchronous ``POST /predictions`` with the
 same input to the same server. It prints the medians and the ratio; speed is not a test (docs/playground.md).
+``--before REF`` measures the playground of a git ref (``git archive`` into a temporary folder, imported from
+there) first, then this checkout's, one after the other in the same run, and prints both.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 600_000  # one page load or generation on 2 busy cores, at most
 
 
-def start_playground(weights: Path, port: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """The playground on ``port`` with its own coglet; returns the process and the coglet URL it printed."""
+def start_playground(weights: Path, port: int, log_path: Path, repo: Path = REPO) -> tuple[subprocess.Popen, str]:
+    """The playground of ``repo`` on ``port`` with its own coglet; returns the process and the coglet URL it printed."""
     log = open(log_path, "w")  # noqa: SIM115 (read while the process writes it)
+    env = dict(os.environ, PYTHONPATH=str(repo))  # ``repo``'s jsd, not the installed checkout's
     process = subprocess.Popen(
         [sys.executable, "-u", "-m", "jsd", "playground", "--weights", str(weights), "--port", str(port)],
-        cwd=REPO,
+        cwd=repo,
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -98,12 +106,58 @@ def fill(page, settings: dict) -> None:
         page.locator(f"#input-{side}").get_by_role("option", name=str(settings[side]), exact=True).click()
 
 
+def export(ref: str, folder: Path) -> Path:
+    """The files of git ref ``ref`` in ``folder`` (``git archive``): the playground as it was."""
+    archive = subprocess.run(["git", "archive", ref], cwd=REPO, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def measure(browser, repo: Path, weights: Path, settings: dict, rounds: int, tmp: Path) -> dict[str, list[float]]:
+    """Page loads, generations through the page and the same requests straight to the API, for ``repo``'s playground."""
+    port = client.free_port()
+    process, api = start_playground(weights, port, tmp / f"playground-{port}.log", repo)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        loads = [page_load(browser, url) for _ in range(rounds)]
+        page = browser.new_page(locale="ja-JP")
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.wait_for_selector("#generate:enabled")
+        fill(page, settings)
+        through_page(page, settings)  # warm-up: the first prediction pays for lazy imports
+        client.post_prediction(api, settings)
+        ui, direct = [], []
+        for _ in range(rounds):
+            ui.append(through_page(page, settings))
+            start = time.perf_counter()
+            status, body = client.post_prediction(api, settings)
+            direct.append(time.perf_counter() - start)
+            assert status == 200 and body["status"] == "succeeded", body
+        page.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return {"load": loads, "page": ui, "api": direct}
+
+
+def report(name: str, runs: dict[str, list[float]]) -> None:
+    page_s, ui_s, api_s = (statistics.median(runs[key]) for key in ("load", "page", "api"))
+    listed = {key: ", ".join(f"{x:.2f}" for x in values) for key, values in runs.items()}
+    print(f"[{name}] page load to usable form: median {page_s:.2f} s ({listed['load']})")
+    print(f"[{name}] generation through the page: median {ui_s:.2f} s ({listed['page']})")
+    print(f"[{name}] same request straight to the API: median {api_s:.2f} s ({listed['api']})")
+    print(f"[{name}] page / API: {ui_s / api_s:.2f}x (+{ui_s - api_s:.2f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="a checkpoint folder (default: a tiny one, made here)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--before", metavar="REF", help="also measure this git ref's playground first (e.g. main)")
     args = parser.parse_args(argv)
 
     settings = {
@@ -119,39 +173,20 @@ def main(argv: list[str] | None = None) -> int:
             from jsd.tiny import make_checkpoint
 
             make_checkpoint(weights)
-        port = client.free_port()
-        process, api = start_playground(weights, port, Path(tmp) / "playground.log")
-        try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS
-                )
-                url = f"http://127.0.0.1:{port}"
-                loads = [page_load(browser, url) for _ in range(args.rounds)]
-                page = browser.new_page(locale="ja-JP")
-                page.set_default_timeout(TIMEOUT_MS)
-                page.goto(url)
-                page.wait_for_selector("#generate:enabled")
-                fill(page, settings)
-                through_page(page, settings)  # warm-up: the first prediction pays for lazy imports
-                client.post_prediction(api, settings)
-                ui, direct = [], []
-                for _ in range(args.rounds):
-                    ui.append(through_page(page, settings))
-                    start = time.perf_counter()
-                    status, body = client.post_prediction(api, settings)
-                    direct.append(time.perf_counter() - start)
-                    assert status == 200 and body["status"] == "succeeded", body
-                browser.close()
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-    page_s, ui_s, api_s = (statistics.median(x) for x in (loads, ui, direct))
+        variants = {"this checkout": REPO}
+        if args.before:
+            variants = {args.before: export(args.before, Path(tmp) / "before")} | variants
+        results = {}
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS
+            )
+            for name, repo in variants.items():
+                results[name] = measure(browser, repo, weights, settings, args.rounds, Path(tmp))
+            browser.close()
     print(f"settings: {settings}, {args.rounds} rounds, weights: {args.weights or 'tiny'}")
-    print(f"page load to usable form: median {page_s:.2f} s ({', '.join(f'{x:.2f}' for x in loads)})")
-    print(f"generation through the page: median {ui_s:.2f} s ({', '.join(f'{x:.2f}' for x in ui)})")
-    print(f"same request straight to the API: median {api_s:.2f} s ({', '.join(f'{x:.2f}' for x in direct)})")
-    print(f"page / API: {ui_s / api_s:.2f}x (+{ui_s - api_s:.2f} s)")
+    for name, runs in results.items():
+        report(name, runs)
     return 0
 
 

@@ -3,6 +3,7 @@
 .venv/bin/python -m jsd generate "サラリーマン 油絵" --seed 42 --steps 25 -o out.png
 .venv/bin/python -m jsd generate "猫 水彩画" --image in.png --strength 0.6 -o cat.png        # img2img
 .venv/bin/python -m jsd generate "犬" --image in.png --mask mask.png -o dog.png             # inpaint
+.venv/bin/python -m jsd generate "夕焼けの海を走る猫" --num_candidates 4 -o cat.png         # best-of-4 (Japanese CLIP)
 .venv/bin/python -m jsd tokenize "サラリーマン (油絵:1.3)"                                     # token report
 .venv/bin/python -m jsd filter-data data/images --min_clip_score 20                # Japanese CLIP data filter
 .venv/bin/python -m jsd evaluate --weights out/stage2 --compare weights            # fine-tune vs base, CLIP score
@@ -40,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=512)
     gen.add_argument("--num_outputs", "--num-outputs", type=int, default=1)
     gen.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"one of {', '.join(SCHEDULERS)}")
+    gen.add_argument(
+        "--num_candidates",
+        "--num-candidates",
+        type=int,
+        default=1,
+        help="best-of-N: N candidates per image, the one the Japanese CLIP in WEIGHTS/japanese_clip/ scores highest "
+        "is saved (as Cog's `num_candidates`; default: 1)",
+    )
     gen.add_argument("--image", type=Path, help="init image: img2img, or inpaint with --mask")
     gen.add_argument("--mask", type=Path, help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", "--prompt_strength", dest="prompt_strength", type=float, default=0.8)
@@ -81,14 +90,21 @@ def _add_fast_mode_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _fast_generator(weights: Path, device: str | None):
     """An :class:`jsd.serving.ImageGenerator` on ``weights`` with its fast-mode LoRAs (verified, test-loaded)."""
-    from jsd import fast_mode, serving
+    from jsd import serving
 
     generator = serving.ImageGenerator(serving.load_pipeline(weights, device=device))
+    _set_fast_loras(generator, weights)
+    return generator
+
+
+def _set_fast_loras(generator, weights: Path) -> None:
+    """Offer the fast modes installed in ``weights/fast/`` (each verified and test-loaded) to ``generator``."""
+    from jsd import fast_mode
+
     try:
         generator.set_fast_loras(fast_mode.load_fast_loras(weights))
     except fast_mode.FastModeError as err:
         raise CLIError(str(err)) from None
-    return generator
 
 
 def _add_playground_parser(commands) -> None:
@@ -213,12 +229,13 @@ def cmd_filter_data(args: argparse.Namespace) -> None:
     """Score every pair of DATA_DIR (cached, sharded over processes) and write the kept/dropped lists."""
     from jsd import clip_filter
 
+    output_dir = args.output_dir or args.data_dir.with_name(f"{args.data_dir.name}-clip-filter")
+    cache_dir = args.cache_dir or output_dir / clip_filter.CACHE_FOLDER
     try:
         threshold = clip_filter.check_threshold(args.min_clip_score)
         if args.batch_size < 1:
             raise clip_filter.FilterError(f"`--batch_size`={args.batch_size} must be a positive integer.")
         clip_filter.list_pairs(args.data_dir, caption_column=args.caption_column)  # no captions: fail before loading
-        output_dir = args.output_dir or args.data_dir.with_name(f"{args.data_dir.name}-clip-filter")
         folder, name = _scorer_folder(args)
         state = _process_state(args.device)
         scorer = clip_filter.load_scorer(folder, name=name, device=args.device or state.device)
@@ -226,7 +243,7 @@ def cmd_filter_data(args: argparse.Namespace) -> None:
             args.data_dir,
             scorer,
             threshold,
-            cache_dir=args.cache_dir or output_dir / clip_filter.CACHE_FOLDER,
+            cache_dir=cache_dir,
             scorer_id=clip_filter.scorer_fingerprint(folder),
             caption_column=args.caption_column,
             state=state,
@@ -234,6 +251,13 @@ def cmd_filter_data(args: argparse.Namespace) -> None:
         )
     except clip_filter.FilterError as err:
         raise CLIError(str(err)) from None
+    except KeyboardInterrupt:  # every batch scored is already in the cache (appended and fsynced)
+        print(
+            f"\nInterrupted: the scores computed so far are kept in {cache_dir}; run the same command again to "
+            "resume (only the pairs not yet scored are scored).",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     if state.is_main_process:
         extra = {"data_dir": str(args.data_dir), "scorer": str(folder)}
         paths = clip_filter.write_outputs(result, output_dir, extra=extra)
@@ -244,6 +268,12 @@ def cmd_filter_data(args: argparse.Namespace) -> None:
         )
         for path in paths.values():
             print(f"wrote {path}")
+        if not result.kept:
+            highest = f"highest score {max(result.scores):.2f}" if result.scores else "no pair could be scored"
+            raise CLIError(
+                f"`--min_clip_score` {threshold:g} drops every pair of {args.data_dir} ({highest}): lower it; "
+                f"{paths['histogram']} shows where the scores lie."
+            )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -299,7 +329,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         report = evaluation.Evaluation(settings, arms)
         paths = evaluation.write_report(report, args.output_dir, font=font)
         print(report.table())
-        if not font.japanese:
+        if args.font and not font.japanese:
+            print(
+                f"`--font` {args.font} has no Japanese glyphs (it would draw boxes): the contact sheet numbers the "
+                "prompts (see report.md); give a Japanese font, e.g. from fc-list :lang=ja."
+            )
+        elif not font.japanese:
             print("No Japanese font found (fc-list :lang=ja): the contact sheet numbers the prompts (see report.md).")
         for path in paths.values():
             print(f"wrote {path}")
@@ -354,6 +389,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Check the inputs, load the checkpoint once, generate, write the images and print the seeds."""
     from jsd import serving
+    from jsd.japanese_clip import ScorerError
 
     request = serving.GenerationRequest(
         prompt=args.prompt,
@@ -374,6 +410,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         lora_weights=args.lora_weights,
         lora_scale=args.lora_scale,
         fast_mode=args.fast_mode,
+        num_candidates=args.num_candidates,
     )
     weights = Path(args.weights)
     try:
@@ -382,13 +419,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not weights.is_dir():
             raise CLIError(f"--weights {weights}: no such folder (run scripts/download_weights.py or make demo)")
         print(f"seed: {checked.seed}")
-        generator = _fast_generator(weights, args.device)
+        pipeline = serving.load_pipeline(weights, device=args.device)
+        scorer = serving.load_optional_scorer(weights, device=pipeline.device) if args.num_candidates > 1 else None
+        generator = serving.ImageGenerator(pipeline, scorer=scorer)
+        _set_fast_loras(generator, weights)
         result = generator.generate(request)
-    except serving.InputError as err:
+    except (serving.InputError, ScorerError) as err:
         raise CLIError(str(err)) from None
     except serving.GenerationError as err:
         raise CLIError(str(err)) from None
-    _save(result, args.output)
+    _save(result, args.output, several=args.num_outputs > 1)
 
 
 def _output_format(output: Path) -> str:
@@ -399,17 +439,20 @@ def _output_format(output: Path) -> str:
     return formats[suffix]
 
 
-def _save(result, output: Path) -> None:
+def _save(result, output: Path, *, several: bool) -> None:
     from jsd.serving import save_image
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    several = len(result.seeds) > 1
     for item in result.images:
         path = output.with_name(f"{output.stem}-{item.index}{output.suffix}") if several else output
         save_image(item.image, path, metadata=item.metadata, quality=result.output_quality)
         print(f"wrote {path} (seed {item.seed})")
     for seed in result.flagged_seeds:
         print(f"the image with seed {seed} was flagged by the safety checker and not saved")
+    for candidate in result.candidates:  # best-of-N: every candidate's seed and score
+        fate = "chosen" if candidate.chosen else "flagged" if candidate.nsfw else "not chosen"
+        score = "no score" if candidate.score is None else f"Japanese CLIP score {candidate.score:.2f}"
+        print(f"image {candidate.output} candidate seed {candidate.seed}: {score}, {fate}")
 
 
 def cmd_distill(argv: list[str]) -> None:

@@ -42,19 +42,37 @@ class Font:
 def japanese_font(size: int, path: str | Path | None = None) -> Font:
     """A font of ``size`` pixels that draws Japanese if one is installed, else Pillow's default (Latin only).
 
-    ``path``: a font file chosen by the user; it must exist and load (``ValueError`` otherwise).
+    ``path``: a font file chosen by the user; it must exist and load (``ValueError`` otherwise). One without
+    Japanese glyphs (it would draw boxes) comes back with ``japanese=False``: callers say so.
     """
     if path is not None:
         try:
-            return Font(ImageFont.truetype(str(path), size), japanese=True, path=str(path))
+            font = ImageFont.truetype(str(path), size)
         except OSError as err:
             raise ValueError(f"`--font` {path}: not a font file Pillow can load ({err}).") from None
+        return Font(font, japanese=draws_japanese(font), path=str(path))
     for candidate in (*_fontconfig_japanese(), *JAPANESE_FONT_PATHS):
         try:
             return Font(ImageFont.truetype(candidate, size), japanese=True, path=candidate)
         except OSError:
             continue
     return Font(ImageFont.load_default(size), japanese=False)
+
+
+JAPANESE_SAMPLE = "日本語のかなカナ"
+NO_GLYPH = "\U000efffd"  # a private-use code point of plane 14: no font draws it, so it shows the "missing" box
+
+
+def draws_japanese(font: ImageFont.FreeTypeFont) -> bool:
+    """Whether ``font`` has Japanese glyphs: a character it lacks is drawn as its "missing" box (.notdef)."""
+
+    def pixels(char: str) -> bytes:
+        image = Image.new("L", (2 * font.size, 2 * font.size))
+        ImageDraw.Draw(image).text((0, 0), char, fill=255, font=font)
+        return image.tobytes()
+
+    missing = pixels(NO_GLYPH)
+    return all(pixels(char) != missing for char in JAPANESE_SAMPLE)
 
 
 def _fontconfig_japanese() -> list[str]:
@@ -141,9 +159,20 @@ class SheetCell:
 
 
 def contact_sheet(
-    cells: Sequence[SheetCell], font: Font, *, thumb: int = 192, columns: int = 5, caption_lines: int = 2
+    cells: Sequence[SheetCell],
+    font: Font,
+    *,
+    thumb: int = 192,
+    columns: int = 5,
+    caption_lines: int = 2,
+    legend: Sequence[str] = (),
+    image_labels: Sequence[str] = (),
 ) -> Image.Image:
-    """A grid of ``cells``; each caption (the prompt) is drawn only when ``font`` can draw it."""
+    """A grid of ``cells``; each caption (the prompt) is drawn only when ``font`` can draw it.
+
+    ``legend``: lines above the grid (what the sides are); ``image_labels``: a tag in the corner of each cell's
+    k-th image (``"A"``, ``"B"``), so that a sheet cut out of its context still says which side is which.
+    """
     per_cell = max(len(c.images) for c in cells)
     line_h = int(font.font.size * 1.3) if hasattr(font.font, "size") else 14
     pad = 8
@@ -152,16 +181,28 @@ def contact_sheet(
     cell_h = thumb + pad + text_lines * line_h
     columns = min(columns, len(cells))
     rows = -(-len(cells) // columns)
-    sheet = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), BACKGROUND)
+    top = len(legend) * line_h + (pad if legend else 0)
+    sheet = Image.new("RGB", (columns * (cell_w + pad) + pad, top + rows * (cell_h + pad) + pad), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(legend):
+        draw.text((pad, pad + i * line_h), line, fill=INK, font=font.font)
     for n, cell in enumerate(cells):
         x = pad + (n % columns) * (cell_w + pad)
-        y = pad + (n // columns) * (cell_h + pad)
+        y = top + pad + (n // columns) * (cell_h + pad)
         for k, image in enumerate(cell.images):
             sheet.paste(image.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS), (x + k * (thumb + 4), y))
+            if k < len(image_labels):
+                _tag(draw, (x + k * (thumb + 4), y), image_labels[k], font)
         y += thumb + pad // 2
         draw.text((x, y), cell.heading, fill=INK, font=font.font)
         if font.japanese and cell.caption:
             for i, line in enumerate(fit_lines(cell.caption, font, cell_w, caption_lines)):
                 draw.text((x, y + (i + 1) * line_h), line, fill=MUTED, font=font.font)
     return sheet
+
+
+def _tag(draw: ImageDraw.ImageDraw, corner: tuple[int, int], text: str, font: Font) -> None:
+    """``text`` in a white box at the top-left ``corner`` of an image."""
+    *_, right, bottom = draw.textbbox((corner[0] + 4, corner[1] + 2), text, font=font.font)
+    draw.rectangle([corner[0], corner[1], right + 4, bottom + 3], fill=BACKGROUND)
+    draw.text((corner[0] + 4, corner[1] + 2), text, fill=INK, font=font.font)

@@ -322,5 +322,13 @@ def write_report(evaluation: Evaluation, output_dir: str | os.PathLike, *, font=
         scores = " | ".join(f"{'AB'[k]} {r.clip_score:.1f}" for k, r in enumerate(rows))
         images = [Image.open(io.BytesIO(r.png)) for r in rows]
         cells.append(SheetCell(images=images, heading=f"#{rows[0].index + 1}  {scores}", caption=rows[0].prompt))
-    contact_sheet(cells, font).save(paths["sheet"])
+    contact_sheet(cells, font, legend=sheet_legend(evaluation), image_labels="AB").save(paths["sheet"])
     return paths
+
+
+def sheet_legend(evaluation: Evaluation) -> list[str]:
+    """The contact sheet's first lines: which image of a cell is which side."""
+    sides = [f"{'AB'[k]} = {arm.label}" for k, arm in enumerate(evaluation.arms)]
+    if len(sides) == 1:
+        return sides
+    return ["Each prompt: A on the left, B on the right (the difference reported is A - B)", *sides]

@@ -215,6 +215,13 @@ class LoraCache:
         return path
 
     def _local(self, path: Path, *, name: str) -> Path:
+        if path.is_dir():  # scripts/train.py --lora_rank's output folder: its diffusers-named file
+            if not (path / LORA_WEIGHT_NAME).is_file():
+                raise LoraError(
+                    f"`{name}` {str(path)!r} is a folder without {LORA_WEIGHT_NAME}: give the {LORA_WEIGHT_NAME} "
+                    "(or the .tar) a LoRA training wrote."
+                )
+            path = path / LORA_WEIGHT_NAME
         if not path.is_file():
             raise LoraError(f"`{name}` {str(path)!r}: no such file (give an http(s) URL, a data URI or a local path).")
         if tarfile.is_tarfile(path):

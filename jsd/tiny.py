@@ -41,25 +41,32 @@ def corpus_lines() -> list[str]:
 
 
 def weights_kind(folder: Path) -> str:
-    """``"real"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files but no manifest)."""
+    """``"real"``, ``"toy"``, ``"tiny"``, ``"missing"`` (absent or empty) or ``"unknown"`` (files, no manifest)."""
     from jsd.manifest import MANIFEST_FILE, read_manifest
+    from jsd.toyworld import TOY_SOURCE_PREFIX
 
     if not folder.is_dir() or not any(folder.iterdir()):
         return "missing"
     if not (folder / MANIFEST_FILE).is_file():
         return "unknown"
-    return "tiny" if str(read_manifest(folder).get("source", "")).startswith(TINY_SOURCE_PREFIX) else "real"
+    source = str(read_manifest(folder).get("source", ""))
+    if source.startswith(TOY_SOURCE_PREFIX):
+        return "toy"
+    return "tiny" if source.startswith(TINY_SOURCE_PREFIX) else "real"
 
 
 TINY_FAST_MODE = "lcm"  # the tiny checkpoint's seeded fast-mode LoRA, so `fast_mode` works offline (make demo)
 
 
 def ensure_weights(folder: Path) -> str:
-    """Make sure ``folder`` holds a checkpoint: builds the tiny one unless real weights are there; returns the kind.
+    """Make sure ``folder`` holds a checkpoint; returns the kind. Unless real weights are there, it copies the
+    committed toy checkpoint (a toy model of shapes, docs/toy-world.md) when this is a checkout that has it,
+    else builds the tiny one.
 
     Raises FileExistsError when ``folder`` holds files but no manifest (an unfinished download).
     """
     from jsd.manifest import WeightsVerificationError, verify_manifest
+    from jsd.toyworld import TOY_NOTE, TOY_WEIGHTS
 
     kind = weights_kind(folder)
     if kind == "unknown":
@@ -67,15 +74,22 @@ def ensure_weights(folder: Path) -> str:
             f"{folder} holds files but no manifest.json: finish `.venv/bin/python scripts/download_weights.py`, or "
             f"move {folder} away so the tiny checkpoint can be written there."
         )
-    if kind == "tiny":
+    if kind in ("tiny", "toy"):
         try:
             verify_manifest(folder)
             if not (folder / "fast" / TINY_FAST_MODE).is_dir():  # a tiny checkpoint from before fast mode
                 write_tiny_fast_lora(folder, TINY_FAST_MODE)
             return kind
         except WeightsVerificationError as err:
-            print(f"rebuilding the tiny checkpoint: {err}")
-            shutil.rmtree(folder)  # only ever a tiny checkpoint (its manifest says so)
+            print(f"rebuilding the {kind} checkpoint: {err}")
+            shutil.rmtree(folder)  # only ever a tiny or toy checkpoint (its manifest says so)
+    toy = Path(__file__).resolve().parents[1] / TOY_WEIGHTS  # in a checkout; a wheel carries none
+    if kind in ("missing", "tiny", "toy") and (toy / "model_index.json").is_file():
+        print(f"no real weights in {folder}: copying the toy checkpoint from {toy} ({TOY_NOTE})")
+        verify_manifest(toy)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(toy, folder)
+        return "toy"
     if kind in ("missing", "tiny"):
         tokenizer = SHARED_TOKENIZER if SHARED_TOKENIZER.is_file() else None
         print(

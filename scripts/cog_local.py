@@ -126,7 +126,7 @@ def finish_job(kind: str, url: str, status: int, body: dict, write, *, names: di
 
 def run_job(args, *, train: bool) -> int:
     """``predict`` or ``train``: inputs typed by the server's schema (``--url``) or the model's, one job, its files."""
-    from jsd.coghttp import client, local
+    from jsd.coghttp import client, errors, local
 
     component = "TrainingInput" if train else "Input"
     if args.url:  # the server's own schema: no need to import the predictor here
@@ -144,7 +144,7 @@ def run_job(args, *, train: bool) -> int:
     ):
         state = client.wait_for_setup(url, process, args.setup_timeout)
         if state["status"] != "READY":
-            print(f"Setup failed:\n{state.get('setup', {}).get('logs', state)}", file=sys.stderr)
+            print(f"Setup failed (--weights {args.weights}): {errors.setup_error(state)}", file=sys.stderr)
             return 1
         return _job_at(url, inputs, args, train)
 
@@ -156,8 +156,27 @@ def _job_at(url: str, inputs: dict, args, train: bool) -> int:
     writer = datauri.write_training_output if train else datauri.write_prediction_output
     status, body = post(url, inputs)
     write = functools.partial(writer, folder=Path(args.output))
+    if not train:  # the prediction's metrics (best-of-N's candidates among them) beside its images
+        write = functools.partial(_with_metrics, write, body.get("metrics"), Path(args.output))
     names = sent_file_names(args.input, inputs)
     return finish_job("Training" if train else "Prediction", url, status, body, write, names=names)
+
+
+METRICS_FILE = "metrics.json"
+
+
+def _with_metrics(write: Callable, metrics: dict | None, folder: Path, output) -> list[Path]:
+    return [*write(output), *write_metrics(metrics, folder)]
+
+
+def write_metrics(metrics: dict | None, folder: Path) -> list[Path]:
+    """The prediction's metrics (``predict_time``, the token counts, best-of-N's ``candidates``…) into
+    ``folder/metrics.json``, beside the outputs: a candidate's ``output`` is the index in ``output.{i}.*``."""
+    if not metrics:
+        return []
+    path = folder / METRICS_FILE
+    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [path]
 
 
 def cmd_serve(args) -> int:
@@ -167,9 +186,27 @@ def cmd_serve(args) -> int:
     path = local.write_schema(REPO, schema)
     what = "training" if args.train else "serving"
     print(f"Wrote {path}; {what} on http://{args.host}:{args.port} with weights {args.weights}", file=sys.stderr)
-    os.chdir(REPO)
     env = local.server_env(args.port, args.weights, train=args.train)
-    os.execve(sys.executable, local.server_command(args.host, train=args.train), env)
+    return serve_until_interrupted(local.server_command(args.host, train=args.train), env)
+
+
+def serve_until_interrupted(command: list[str], env: dict[str, str]) -> int:
+    """Run the server in its own process group until it exits, or until Ctrl+C stops it: one line, no traceback.
+
+    Ctrl+C reaches only this process (the server's group is its own), which then stops the server the way
+    :func:`jsd.coghttp.local.stop_server` always does, so nothing of coglet's shutdown reaches the terminal.
+    """
+    import subprocess
+
+    from jsd.coghttp import local
+
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        local.stop_server(process)
+        print("Stopped the server (Ctrl+C).", file=sys.stderr)
+        return 130
 
 
 def cmd_schema(args) -> int:

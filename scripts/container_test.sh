@@ -19,8 +19,8 @@
 #    reads no configuration file and no find-links, extra index or constraints from the environment (they may
 #    point at a local CPU wheel), so torch is PyPI's CUDA build; its 2.7 GB of wheels are kept in
 #    $JSD_CONTAINER_CACHE/wheelhouse-cuda (later runs download only what changed).
-# 4. Build context: the repository's files (git ls-files) plus a tiny checkpoint in weights/ (rinna's
-#    tokenizer from $JSD_SHARED when it is there). The weights/ of this checkout is never read or touched.
+# 4. Build context: the repository's files (git ls-files) plus a checkpoint in weights/: the committed toy one
+#    (toy/weights, a toy model of shapes), else a tiny one (rinna's tokenizer from $JSD_SHARED when it is there). The weights/ of this checkout is never read or touched.
 # 5. `docker build` → jsd:cpu (jsd:cuda); a previous image of that tag is replaced; its layers are logged.
 # 6. The container checks, one PASS/FAIL line each; the exit status is theirs.
 # It leaves one image, jsd:cpu (jsd:cuda): the temporary images, the check containers and dangling build cache go.
@@ -143,19 +143,23 @@ step=$(date +%s)
 mkdir "$workdir/context"
 git ls-files -z --cached --others --exclude-standard \
     | tar --null --ignore-failed-read -T - -cf - 2> /dev/null | tar -xf - -C "$workdir/context"
-tokenizer="$shared/data/tokenizer/google_sp.model"
-tokenizer_args=()
-if [ -f "$tokenizer" ]; then
-    tokenizer_args=(--tokenizer "$tokenizer")
+if [ -f toy/weights/manifest.json ]; then
+    # the committed toy checkpoint (a toy model of shapes, docs/toy-world.md): the container draws something
+    weights_command=("$python" scripts/download_weights.py --toy --dest "$workdir/context/weights")
 else
-    log "rinna's tokenizer is not at $tokenizer: the tiny checkpoint trains its own"
+    tokenizer="$shared/data/tokenizer/google_sp.model"
+    weights_command=("$python" scripts/make_tiny_weights.py "$workdir/context/weights")
+    if [ -f "$tokenizer" ]; then
+        weights_command+=(--tokenizer "$tokenizer")
+    else
+        log "rinna's tokenizer is not at $tokenizer: the tiny checkpoint trains its own"
+    fi
 fi
-if ! "$python" scripts/make_tiny_weights.py "$workdir/context/weights" ${tokenizer_args[@]+"${tokenizer_args[@]}"} \
-    > "$cache/tiny-weights.log" 2>&1; then
+if ! "${weights_command[@]}" > "$cache/tiny-weights.log" 2>&1; then
     show_log "$cache/tiny-weights.log"
-    fail "scripts/make_tiny_weights.py failed (log: $cache/tiny-weights.log)"
+    fail "${weights_command[1]} failed (log: $cache/tiny-weights.log)"
 fi
-log "build context with a tiny checkpoint in $(since "$step") s"
+log "build context with a ${weights_command[1]##*/} checkpoint in $(since "$step") s"
 
 # ---- 5. the image ------------------------------------------------------------------------------------------
 step=$(date +%s)

@@ -3,7 +3,9 @@
     .venv/bin/python scripts/demo.py                 # weights from $JSD_WEIGHTS or weights/, images into outputs/
 
 With real weights in ``weights/`` (a manifest from scripts/download_weights.py or scripts/train.py)
-it uses them. Otherwise it writes the tiny seeded checkpoint there first (rinna's real tokenizer from
+it uses them. Otherwise it copies the committed toy checkpoint there (``toy/weights``: a toy model of
+shapes trained here by scripts/train_toy.py, not rinna's; docs/toy-world.md) and asks it for a shape;
+without that either, it writes the tiny seeded checkpoint there first (rinna's real tokenizer from
 ``../shared/data/tokenizer/google_sp.model`` when present, else the project's own): the images are
 then noise, but every step — manifest check, loading, validation, seeds, scheduler, safety checker,
 file metadata — is the code Cog runs.
@@ -79,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     # The tiny model is fast at any size; keep CPU runs of the real model short.
     small = kind == "tiny" or predictor.generator.pipeline.device.type != "cuda"
     settings = {"width": 256, "height": 256, "num_inference_steps": 15} if small else {}
+    prompt = PROMPT
+    if kind == "toy":  # it knows 128×128 pictures of shapes and nothing else
+        from jsd.toyworld import TOY_PROMPT
+
+        settings, prompt = {"width": 128, "height": 128, "num_inference_steps": 25}, TOY_PROMPT
+        print(f"prompt: {prompt} (the toy model only knows shapes, colors, positions, sizes and backgrounds)")
     inputs = run_inputs(
-        predictor, prompt=PROMPT, num_outputs=args.num_outputs, seed=args.seed, output_format="png", **settings
+        predictor, prompt=prompt, num_outputs=args.num_outputs, seed=args.seed, output_format="png", **settings
     )
     paths = predictor.run(**inputs)
 
@@ -90,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         target = output / f"demo-{path.name}"
         shutil.copyfile(path, target)
         print(f"wrote {target} (seed {read_metadata(target)['seed']})")
+    if kind == "toy":
+        print("(toy model of shapes trained here, not rinna's: docs/toy-world.md; real weights go in weights/)")
     if kind == "tiny":
         print("(tiny random weights: the images are noise; put real weights in weights/ for real pictures)")
     return 0

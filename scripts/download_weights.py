@@ -8,6 +8,7 @@
     .venv/bin/python scripts/download_weights.py --scorer rinna/japanese-clip-vit-b-16    # → weights/japanese_clip/
     .venv/bin/python scripts/download_weights.py --fast_mode lcm                          # → weights/fast/lcm/
     .venv/bin/python scripts/download_weights.py --fast_mode jsd-lcm --fast_mode_file out/distill   # a local LoRA
+    .venv/bin/python scripts/download_weights.py --toy    # no access? the committed toy model of shapes → weights/
 
 ``--scorer`` fetches rinna's Japanese CLIP (or ``rinna/japanese-cloob-vit-b-16``; both Apache-2.0, not
 gated) and the tokenizer it uses (rinna/japanese-roberta-base's ``spiece.model``), converts them to
@@ -61,7 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="dtype of served weights")
     parser.add_argument("--force", action="store_true", help="replace --dest even if it holds something else")
     parser.add_argument("--verify-only", metavar="DIR", help="only verify DIR against its manifest, then exit")
-    parser.add_argument("--allow-tiny", action="store_true", help="with --verify-only: accept a tiny test checkpoint")
+    parser.add_argument(
+        "--allow-tiny", action="store_true", help="with --verify-only: accept a tiny or toy test checkpoint"
+    )
+    parser.add_argument(
+        "--toy",
+        action="store_true",
+        help="instead of rinna's weights: copy the committed toy checkpoint (a toy model of shapes, docs/toy-world.md)",
+    )
     parser.add_argument(
         "--scorer",
         metavar="REPO_OR_DIR",
@@ -96,10 +104,11 @@ def verify_only(folder: str, *, allow_tiny: bool) -> str:
     from jsd.convert import describe
     from jsd.manifest import WeightsVerificationError, verify_manifest
     from jsd.tiny import TINY_SOURCE_PREFIX
+    from jsd.toyworld import TOY_SOURCE_PREFIX
 
     start = time.perf_counter()
     manifest = verify_manifest(folder)
-    if str(manifest.get("source", "")).startswith(TINY_SOURCE_PREFIX) and not allow_tiny:
+    if str(manifest.get("source", "")).startswith((TINY_SOURCE_PREFIX, TOY_SOURCE_PREFIX)) and not allow_tiny:
         raise WeightsVerificationError(
             f"{folder} holds a tiny test checkpoint ({manifest['source']}), not the model: "
             "run scripts/download_weights.py first (or pass --allow-tiny)."
@@ -181,10 +190,38 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError("--fast_mode_file needs --fast_mode NAME (which fast mode it is).")
         if args.scorer:
             return _download_scorer(args)
+        if args.toy:
+            return _copy_toy(args)
         return _download_and_convert(args)
     except (ConversionError, WeightsVerificationError, DownloadError, FileNotFoundError, FastModeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _copy_toy(args: argparse.Namespace) -> int:
+    """``--toy``: the committed toy checkpoint (verified) → ``--dest``; never over real weights without --force."""
+    import shutil
+
+    from jsd.manifest import MANIFEST_FILE, read_manifest, verify_manifest
+    from jsd.tiny import TINY_SOURCE_PREFIX
+    from jsd.toyworld import TOY_NOTE, TOY_PROMPT, TOY_SOURCE_PREFIX, TOY_WEIGHTS
+
+    toy, dest = Path(__file__).resolve().parent.parent / TOY_WEIGHTS, Path(args.dest)
+    if not (toy / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{toy} holds no toy checkpoint: build it with scripts/train_toy.py.")
+    if (dest / MANIFEST_FILE).is_file() and not args.force:
+        source = str(read_manifest(dest).get("source", ""))
+        if not source.startswith((TINY_SOURCE_PREFIX, TOY_SOURCE_PREFIX)):
+            raise FileNotFoundError(f"--dest {dest} holds other weights ({source}): pass --force to replace them.")
+    verify_manifest(toy)
+    staging = dest.parent / f".{dest.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(toy, staging)
+    from jsd.manifest import swap_into_place
+
+    swap_into_place(staging, dest)
+    print(f"{dest}: {TOY_NOTE}. It draws 128x128 pictures such as {TOY_PROMPT}.")
+    return 0
 
 
 def _download_and_convert(args: argparse.Namespace) -> int:

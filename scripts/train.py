@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 try:
     from jsd.training.config import parse_config
@@ -31,8 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    train(config)
+    try:
+        train(config)
+    except (ValueError, FileNotFoundError) as err:  # the trainer's checks name the flag, the value, what is allowed
+        remove_if_empty(config.run_dir)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when it holds no file (only empty folders): a run stopped by its checks leaves nothing."""
+    if not folder.is_dir() or any(path.is_file() for path in folder.rglob("*")):
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir()
+    folder.rmdir()
 
 
 if __name__ == "__main__":

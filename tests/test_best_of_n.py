@@ -206,3 +206,35 @@ def test_make_tiny_weights_adds_a_scorer_best_of_n_can_load(tmp_path):
     assert scorer.model_type == "cloob"
     assert scorer.tokenizer.vocab_size == len(serving.load_pipeline(weights, device="cpu").tokenizer)
     assert serving.load_optional_scorer(tmp_path / "elsewhere") is None
+
+
+# ---- jsd generate ---------------------------------------------------------------------------------------------
+
+
+def test_jsd_generate_num_candidates_saves_the_best_and_prints_every_candidate(
+    weights_with_scorer, generator, tmp_path, capsys
+):
+    from jsd.cli import main
+
+    out = tmp_path / "best.png"
+    args = ["generate", FAST["prompt"], "--weights", str(weights_with_scorer), "--width", "128", "--height", "128"]
+    main([*args, "--steps", "2", "--seed", "100", "--num_candidates", "3", "--device", "cpu", "-o", str(out)])
+    printed = capsys.readouterr().out
+    expected = generator.generate(GenerationRequest(**FAST, num_candidates=3, seed=100))
+    chosen = next(c for c in expected.candidates if c.chosen)
+    metadata = serving.read_metadata(out)
+    assert metadata["num_candidates"] == "3" and metadata["seed"] == str(chosen.seed)
+    for c in expected.candidates:
+        fate = "chosen" if c.chosen else "not chosen"
+        assert f"image 0 candidate seed {c.seed}: Japanese CLIP score {c.score:.2f}, {fate}" in printed
+
+
+def test_jsd_generate_num_candidates_without_a_scorer_is_one_line(tiny_checkpoint, tmp_path, capsys):
+    from jsd.cli import main
+
+    args = ["generate", "猫", "--weights", str(tiny_checkpoint), "--num_candidates", "2", "-o", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--steps", "2", "--width", "128", "--height", "128", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("jsd: error: `num_candidates` is 2, but this model has no Japanese")
+    assert len(err.strip().splitlines()) == 1

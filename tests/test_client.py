@@ -7,6 +7,7 @@ of failed ones.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
@@ -121,6 +122,50 @@ def test_the_library_cuts_a_long_bad_value_in_its_message():
 @pytest.fixture(scope="module")
 def schema():
     return local.openapi_schema()  # the predictor's, from Cog's inspection
+
+
+def test_whole_limits_are_written_as_integers_as_the_user_wrote_them(schema):
+    # cog keeps Input(le=8) as 8.0: coglet's 422 would then say "8.0" for a count of images
+    inputs = schema["components"]["schemas"]["Input"]["properties"]
+    assert inputs["num_candidates"]["maximum"] == 8 and isinstance(inputs["num_candidates"]["maximum"], int)
+    assert isinstance(inputs["num_inference_steps"]["minimum"], int)
+    assert isinstance(inputs["lora_scale"]["maximum"], int | float)
+    training = local.training_schema()["components"]["schemas"]["TrainingInput"]["properties"]
+    assert json.dumps(training["min_clip_score"]["maximum"]) == "100"
+    assert training["learning_rate"]["minimum"] == 1e-6  # a fraction stays a fraction
+
+
+def test_a_setup_failure_reads_as_one_line_without_coglets_wrapping():
+    # coglet 0.23's health after a damaged scorer failed setup() (recorded from `cog_local.py predict`)
+    logs = (
+        "worker setup failed: worker setup failed (slot cf789a38-d1e5-4b83-a495-0d3724e6b58a): Setup failed: setup "
+        "failed: ScorerError: Japanese CLIP scorer /w/japanese_clip: /w/japanese_clip/model.safetensors has 300 "
+        "bytes, the manifest says 685108: truncated or replaced."
+    )
+    state = {"status": "SETUP_FAILED", "setup": {"logs": "Running setup\n" + logs + "\n"}}
+    assert errors.setup_error(state) == (
+        "Japanese CLIP scorer /w/japanese_clip: /w/japanese_clip/model.safetensors has 300 bytes, the manifest says "
+        "685108: truncated or replaced."
+    )
+
+
+def test_predict_writes_the_metrics_beside_the_outputs(tmp_path, monkeypatch, capsys):
+    metrics = {
+        "predict_time": 1.5,
+        "candidates": [
+            {"output": 0, "seed": 7, "score": 21.5, "nsfw": False, "chosen": True},
+            {"output": 0, "seed": 8, "score": 20.25, "nsfw": False, "chosen": False},
+        ],
+    }
+    body = {"id": "x", "status": "succeeded", "output": [_png("RGB")], "metrics": metrics, "logs": ""}
+    monkeypatch.setattr(client, "post_prediction", lambda url, inputs: (200, body))
+    args = argparse.Namespace(output=str(tmp_path / "out"), input=[])
+    assert cog_local._job_at("http://127.0.0.1:9", {}, args, train=False) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8")) == metrics
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "out" / "output.0.png"),
+        str(tmp_path / "out" / "metrics.json"),
+    ]
 
 
 def test_a_lora_file_given_with_at_or_as_a_path_is_sent_as_a_data_uri(schema, tmp_path, monkeypatch):

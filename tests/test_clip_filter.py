@@ -274,6 +274,48 @@ def test_bad_settings_are_one_line_naming_the_flag(tmp_path, scorer_folder, caps
     assert exc.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_threshold_that_drops_every_pair_exits_non_zero_with_one_line(tmp_path, scorer, scorer_folder, capsys):
+    data = data_folder(tmp_path / "data")
+    highest = max(independent_scores(scorer, data).values())
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "filter-data",
+                str(data),
+                "--min_clip_score",
+                "100",
+                "--scorer",
+                str(scorer_folder),
+                "--output_dir",
+                str(out),
+            ]
+        )
+    captured = capsys.readouterr()
+    assert exc.value.code == 2 and "0 kept, 12 dropped" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        f"jsd: error: `--min_clip_score` 100 drops every pair of {data} (highest score {highest:.2f}): lower it; "
+        f"{out / 'histogram.png'} shows where the scores lie."
+    )
+    assert len(read_jsonl(out / "dropped.jsonl")) == 12  # the lists are written all the same
+
+
+def test_ctrl_c_says_the_scores_are_kept_and_how_to_resume(tmp_path, scorer, scorer_folder, capsys, monkeypatch):
+    data = data_folder(tmp_path / "data")
+    monkeypatch.setattr(clip_filter, "load_scorer", lambda *a, **k: Counting(scorer, fail_after=1))
+    out = tmp_path / "out"
+    args = ["filter-data", str(data), "--min_clip_score", "20", "--output_dir", str(out), "--batch_size", "4"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--scorer", str(scorer_folder)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"Interrupted: the scores computed so far are kept in {out / 'cache'}; run the same command again to "
+        "resume (only the pairs not yet scored are scored)."
+    )
+    assert len((out / "cache" / "scores-0.jsonl").read_text(encoding="utf-8").splitlines()) == 4
+
+
 def test_a_folder_without_captions_is_named(tmp_path, scorer_folder, capsys):
     data = tmp_path / "photos"
     data.mkdir()

@@ -8,12 +8,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import sentencepiece
 from cogserver import cog_local, cog_server
 from PIL import Image
+from repofiles import REPO
 
 from jsd.coghttp import client, local
 from jsd.serving import read_metadata
@@ -232,8 +237,9 @@ def test_cog_local_predict_writes_the_outputs_and_fails_loudly(server, tmp_path,
     )
     assert code == 0
     written = sorted((tmp_path / "o").iterdir())
-    assert [p.name for p in written] == ["output.0.webp", "output.1.webp"]
-    assert Image.open(written[0]).size == (192, 128)
+    assert [p.name for p in written] == ["metrics.json", "output.0.webp", "output.1.webp"]
+    assert len(json.loads(written[0].read_text(encoding="utf-8"))["seeds"]) == 2  # the prediction's metrics
+    assert Image.open(written[1]).size == (192, 128)
 
     assert (
         cog_local.main(
@@ -267,3 +273,23 @@ def test_wait_for_setup_without_time_left_raises_a_timeout():
         TimeoutError, match=r"did not finish setup within 0 s \(last health: \{'status': 'not polled'\}\)"
     ):
         client.wait_for_setup("http://127.0.0.1:9", None, 0)
+
+
+def test_serve_stops_on_ctrl_c_with_one_line_and_no_traceback(tiny_checkpoint):
+    # Ctrl+C in a terminal sends SIGINT to the foreground process group: here, cog_local's own group
+    port = client.free_port()
+    command = [sys.executable, str(REPO / "scripts" / "cog_local.py"), "serve", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--weights", str(tiny_checkpoint)], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        state = client.wait_for_setup(f"http://127.0.0.1:{port}", process, 300)
+        assert state["status"] == "READY", state
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "Stopped the server (Ctrl+C).", err
+    assert client.health(f"http://127.0.0.1:{port}")["status"] == "UNREACHABLE"

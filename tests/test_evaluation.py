@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,11 +224,69 @@ def test_the_contact_sheet_numbers_the_prompts_without_a_japanese_font(base_repo
     result = evaluation.Evaluation(evaluation.EvalSettings(), [evaluation.ArmResult("A", rows)])
     bare = evaluation.write_report(result, tmp_path / "bare", font=font)
     assert "No Japanese font was found" in (tmp_path / "bare" / "report.md").read_text(encoding="utf-8")
-    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
-    if not drawing.Path(dejavu).is_file():
-        pytest.skip("DejaVu is not installed")
-    captioned = evaluation.write_report(result, tmp_path / "font", font=drawing.japanese_font(14, dejavu))
+    ipa = "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf"
+    if not drawing.Path(ipa).is_file():
+        pytest.skip("IPA Gothic is not installed (apt-get install fonts-ipafont-gothic)")
+    captioned = evaluation.write_report(result, tmp_path / "font", font=drawing.japanese_font(14, ipa))
     assert Image.open(captioned["sheet"]).height > Image.open(bare["sheet"]).height  # two caption lines per row
+
+
+DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # Latin, Greek, Cyrillic: no Japanese
+
+
+@pytest.mark.skipif(not Path(DEJAVU).is_file(), reason="DejaVu is not installed")
+def test_a_font_without_japanese_glyphs_is_told_and_draws_no_boxes(weights, tmp_path, capsys):
+    from jsd import drawing
+
+    assert not drawing.japanese_font(14, DEJAVU).japanese
+    prompts = tmp_path / "one.txt"
+    prompts.write_text(PROMPTS[0] + "\n", encoding="utf-8")
+    args = ["evaluate", "--weights", str(weights), "--prompts", str(prompts), "--output_dir", str(tmp_path / "e")]
+    main([*args, *FAST, "--font", DEJAVU])
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if "--font" in line]
+    assert warning == [
+        f"`--font` {DEJAVU} has no Japanese glyphs (it would draw boxes): the contact sheet numbers the prompts "
+        "(see report.md); give a Japanese font, e.g. from fc-list :lang=ja."
+    ]
+
+
+def test_the_contact_sheet_says_which_side_is_a_and_which_b(base_report, tmp_path):
+    from jsd import drawing
+
+    out, report = base_report
+    arms = []
+    for side in "AB":
+        rows = [evaluation.Row(**r) for r in report["arms"][0]["prompts"]]
+        for row in rows:
+            row.png = (out / "images" / "A" / f"{row.index + 1:03d}.png").read_bytes()
+        arms.append(evaluation.ArmResult(f"side-{side}", rows))
+    result = evaluation.Evaluation(evaluation.EvalSettings(), arms)
+    assert evaluation.sheet_legend(result) == [
+        "Each prompt: A on the left, B on the right (the difference reported is A - B)",
+        "A = side-A",
+        "B = side-B",
+    ]
+    real, seen = drawing.contact_sheet, {}
+
+    def spy(cells, font, **kwargs):
+        seen.update(kwargs)
+        return real(cells, font, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(drawing, "contact_sheet", spy)
+        evaluation.write_report(result, tmp_path / "ab")
+    assert seen == {"legend": evaluation.sheet_legend(result), "image_labels": "AB"}
+    font = drawing.Font(drawing.ImageFont.load_default(14), japanese=False)
+    cells = [drawing.SheetCell([Image.new("RGB", (8, 8), "black")] * 2, "#1")]
+    plain = np.asarray(drawing.contact_sheet(cells, font).convert("L"))
+    marked = np.asarray(drawing.contact_sheet(cells, font, legend=["A = x"], image_labels="AB").convert("L"))
+    assert marked.shape[0] > plain.shape[0] and (marked[: marked.shape[0] - plain.shape[0]] < 128).any()  # legend
+    # a white tag in the top-left corner of each image, on the black thumbnails
+    below = marked.shape[0] - plain.shape[0]
+    for k in range(2):
+        x = 8 + k * (192 + 4)
+        assert (marked[below + 8 : below + 14, x : x + 6] > 128).any() and not (plain[8:14, x : x + 6] > 128).any()
 
 
 # ------------------------------------------------------------------------------------------ two sides

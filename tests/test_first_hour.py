@@ -192,7 +192,7 @@ def test_cog_local_predict_leaves_nothing_behind_and_prints_only_our_lines(tiny_
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == str(tmp_path / "out" / "output.0.webp")
+    assert done.stdout.split() == [str(tmp_path / "out" / "output.0.webp"), str(tmp_path / "out" / "metrics.json")]
     starting = r"Starting coglet \(setup can take a minute; server log: .*\)"  # cog_local's own line
     lines = done.stderr.replace("\r", "\n").splitlines()
     assert foreign(lines, [*PREDICTION_LINES, starting]) == []  # the client imports the predictor too

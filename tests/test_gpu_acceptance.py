@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from acceptance import clip_score, pixel_budget, plan, runner, torch_compile  # benchmarks/ is on pytest's path
 from repofiles import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_acceptance.py"
@@ -104,7 +105,7 @@ def test_the_dry_run_report_holds_each_steps_figures(dry_run):
     assert len(figures["pixel-budget"]["requests"]) == 4
     assert figures["pixel-budget"]["recommended_max_pixels"] == "n/a (no GPU evidence)"
     assert "out of memory" in figures["oom"]["error"]
-    assert figures["compile"]["mean_abs_diff"] <= acceptance.COMPILE_TOLERANCE
+    assert figures["compile"]["mean_abs_diff"] <= torch_compile.COMPILE_TOLERANCE
     assert figures["training"]["exit_status"] == 0 and figures["training"]["last_loss"] is not None
     clip = figures["clip-score"]
     assert clip["prompts"] == acceptance.DRY_RUN_PLAN.clip_prompts == 8  # of the shipped held-out prompts
@@ -120,8 +121,8 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def _step(name: str, run) -> acceptance.Step:
-    return acceptance.Step(name, f"step {name}", run)
+def _step(name: str, run) -> runner.Step:
+    return runner.Step(name, f"step {name}", run)
 
 
 def test_a_failing_step_is_reported_and_the_others_still_run(capsys):
@@ -141,7 +142,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(capsys):
 
     steps = [_step("a", ok), _step("b", raises), _step("c", fails_a_check), _step("d", ok), _step("e", ok)]
     budgets = {"a": 60, "b": 60, "c": 60, "d": 60, "e": 0}
-    results = acceptance.run_steps(steps, None, budgets, fail_step="d")
+    results = runner.run_steps(steps, None, budgets, fail_step="d")
     assert ran == ["a", "b", "c", "e"]  # d raised before running; e ran after three failures
     assert [r.status for r in results] == ["passed", "failed", "failed", "failed", "passed"]
     assert results[1].error == "RuntimeError: kaboom"
@@ -157,7 +158,7 @@ def test_a_failed_step_makes_the_exit_status_non_zero_and_is_in_the_report(tmp_p
         result.check("fine", True)
 
     monkeypatch.setattr(acceptance, "STEPS", [_step("weights", ok), _step("second", ok), _step("third", ok)])
-    monkeypatch.setattr(acceptance, "DRY_RUN_PLAN", acceptance.Plan(**_plan_fields(weights=5, second=5, third=5)))
+    monkeypatch.setattr(acceptance, "DRY_RUN_PLAN", plan.Plan(**_plan_fields(weights=5, second=5, third=5)))
     monkeypatch.setattr(acceptance, "environment", lambda dry_run: {"mode": "test", "torch": "0.0"})
     for name in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "HF_HUB_OFFLINE"):  # main() sets them
         monkeypatch.setenv(name, os.environ.get(name, ""))
@@ -175,19 +176,19 @@ def test_a_failed_step_makes_the_exit_status_non_zero_and_is_in_the_report(tmp_p
 
 
 def _plan_fields(**budgets: float) -> dict:
-    fields = {f: getattr(acceptance.DRY_RUN_PLAN, f) for f in acceptance.Plan.__dataclass_fields__}
+    fields = {f: getattr(acceptance.DRY_RUN_PLAN, f) for f in plan.Plan.__dataclass_fields__}
     return fields | {"budgets": budgets}
 
 
 def test_the_gpu_budgets_add_up_to_the_issues_8_minutes():
     gpu_steps = sum(acceptance.GPU_PLAN.budgets.values())
-    assert gpu_steps + acceptance.STARTUP_BUDGET_S == acceptance.TOTAL_BUDGET_S == 8 * 60
+    assert gpu_steps + plan.STARTUP_BUDGET_S == plan.TOTAL_BUDGET_S == 8 * 60
     assert set(acceptance.GPU_PLAN.budgets) == set(acceptance.DRY_RUN_PLAN.budgets) == set(STEPS)
 
 
 def test_a_step_past_its_hard_limit_is_stopped():
     start = time.perf_counter()
-    with pytest.raises(acceptance.StepTimeout, match="hard limit"), acceptance.hard_limit(0.2):
+    with pytest.raises(runner.StepTimeout, match="hard limit"), runner.hard_limit(0.2):
         time.sleep(5)
     assert time.perf_counter() - start < 2
 
@@ -195,11 +196,11 @@ def test_a_step_past_its_hard_limit_is_stopped():
 def test_the_pixel_budget_is_kept_when_proven_and_lowered_when_not():
     from jsd.serving import MAX_PIXELS
 
-    gib = acceptance.GIB
-    kept = acceptance.recommend_max_pixels(3 * gib, [(MAX_PIXELS, 11 * gib), (2 * 1024 * 1024, 10 * gib)])
+    gib = plan.GIB
+    kept = pixel_budget.recommend_max_pixels(3 * gib, [(MAX_PIXELS, 11 * gib), (2 * 1024 * 1024, 10 * gib)])
     assert kept["proven"] and kept["recommended_max_pixels"] == MAX_PIXELS
     assert kept["linear_ceiling_pixels"] > MAX_PIXELS
-    lowered = acceptance.recommend_max_pixels(3 * gib, [(MAX_PIXELS, 18 * gib)])
+    lowered = pixel_budget.recommend_max_pixels(3 * gib, [(MAX_PIXELS, 18 * gib)])
     assert not lowered["proven"] and lowered["recommended_max_pixels"] < MAX_PIXELS
     assert lowered["recommended_max_pixels"] % 4096 == 0
     # the recommendation, at the measured bytes per pixel, fits the 15 GiB
@@ -211,15 +212,15 @@ def test_the_clip_score_step_skips_in_one_line_without_a_scorer(tmp_path, monkey
     import argparse
 
     monkeypatch.delenv("JSD_WEIGHTS", raising=False)
-    monkeypatch.setattr(acceptance, "REPO", tmp_path)  # no weights/japanese_clip there
+    monkeypatch.setattr(clip_score, "REPO", tmp_path)  # no weights/japanese_clip there
     args = argparse.Namespace(scorer=None, dry_run=False, workdir=tmp_path)
     ctx = acceptance.Context.__new__(acceptance.Context)
     ctx.args, ctx.workdir = args, tmp_path
-    result = acceptance.StepResult("clip-score", "clip", 30)
-    acceptance.step_clip_score(ctx, result)
+    result = runner.StepResult("clip-score", "clip", 30)
+    clip_score.step_clip_score(ctx, result)
     assert "no Japanese CLIP scorer" in capsys.readouterr().out
     assert [(c.name, c.result) for c in result.checks] == [("held-out prompts scored", "n/a")]
     assert result.notes and result.error is None and not result.figures
     monkeypatch.setenv("JSD_WEIGHTS", str(tmp_path))
     (tmp_path / "japanese_clip").mkdir()
-    assert acceptance.find_scorer(ctx) == tmp_path / "japanese_clip"  # $JSD_WEIGHTS/japanese_clip is found
+    assert clip_score.find_scorer(ctx) == tmp_path / "japanese_clip"  # $JSD_WEIGHTS/japanese_clip is found

@@ -315,3 +315,20 @@ def test_a_lora_run_resumes_from_its_adapter_only_checkpoint_to_the_same_weights
     assert len(steps_taken) == 1  # it resumed at step 2: a run from scratch would take 3 steps to the same weights
 
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_training_output_folder_is_accepted_and_a_folder_without_the_lora_is_named(tmp_path):
+    # scripts/train.py --lora_rank writes lora.safetensors, lora_kohya.safetensors and training.json into a folder
+    run = tmp_path / "my-lora"
+    run.mkdir()
+    (run / LORA_WEIGHT_NAME).write_bytes(lora_bytes(4))
+    (run / "training.json").write_text("{}", encoding="utf-8")
+    lora = LoraCache(tmp_path / "cache").resolve(str(run))
+    assert lora.path == run / LORA_WEIGHT_NAME
+    (run / LORA_WEIGHT_NAME).unlink()
+    with pytest.raises(LoraError) as caught:
+        LoraCache(tmp_path / "cache").resolve(str(run))
+    assert str(caught.value) == (
+        f"`lora_weights` '{run}' is a folder without lora.safetensors: give the lora.safetensors (or the .tar) a "
+        "LoRA training wrote."
+    )

@@ -21,7 +21,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
-from repofiles import REPO
+from repofiles import REPO, load_repo_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import CAPTIONS, TINY, image_folder, png_bytes
 
@@ -180,6 +180,50 @@ def test_a_missing_scorer_stops_the_run_before_training(tmp_path, tiny_checkpoin
     assert not (tmp_path / "out").exists()
 
 
+def damaged_copy(weights, tmp_path):
+    """``weights`` with its scorer's config.json cut short."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(weights, folder)
+    config = folder / SCORER_FOLDER / "config.json"
+    config.write_text(config.read_text(encoding="utf-8")[:40], encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing scorer", "damaged scorer", "no captions", "drops everything"])
+def test_scripts_train_answers_bad_clip_input_with_one_line_and_no_empty_run_folder(
+    case, tmp_path, tiny_checkpoint, weights, capsys
+):
+    data = image_folder(tmp_path / "data")
+    checkpoint, threshold, needle = weights, "20", ""
+    if case == "missing scorer":
+        checkpoint, needle = tiny_checkpoint, f"`--pretrained_model_name_or_path {tiny_checkpoint}: its japanese_clip/`"
+    elif case == "damaged scorer":
+        checkpoint = damaged_copy(weights, tmp_path)
+        needle = f"`--pretrained_model_name_or_path {checkpoint}: its japanese_clip/`"
+    elif case == "no captions":
+        (data / "metadata.jsonl").unlink()
+        needle = f"`--train_data_dir` {data} has no metadata.jsonl"
+    else:
+        threshold, needle = "100", f"`--min_clip_score` 100 drops every pair of `--train_data_dir` {data}"
+    args = ["--pretrained_model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "out"), *TINY]
+    args += ["--train_data_dir", str(data), "--min_clip_score", threshold, "--max_train_steps", "1"]
+    args += ["--report_to", "none"]
+    script = load_repo_module("scripts/train.py", "jsd_scripts_train_under_test")
+    try:
+        assert script.main(args) == 2
+    finally:
+        reset_accelerate()
+    err = capsys.readouterr().err.strip()  # the scoring's progress bar, then the error
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and needle in last and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    run = tmp_path / "out-run"
+    if case == "drops everything":  # the message points at the scores: they stay
+        assert (run / "clip_filter" / "report.json").is_file()
+    else:
+        assert not run.exists(), list(run.rglob("*"))
+
+
 def test_validation_without_a_scorer_logs_images_and_says_so(tmp_path, tiny_checkpoint, caplog):
     data = image_folder(tmp_path / "data")
     args = ["--pretrained_model_name_or_path", str(tiny_checkpoint), "--output_dir", str(tmp_path / "out"), *TINY]
@@ -221,7 +265,7 @@ def cog_train_module(monkeypatch):
     return module
 
 
-def test_a_replicate_training_ships_its_filter_and_last_validation(tmp_path, weights, scorer, monkeypatch):
+def test_a_replicate_training_ships_its_filter_and_last_validation(tmp_path, weights, scorer, monkeypatch, caplog):
     data = tmp_path / "images"
     data.mkdir()
     captions = CAPTIONS[:5]
@@ -236,15 +280,28 @@ def test_a_replicate_training_ships_its_filter_and_last_validation(tmp_path, wei
     (tmp_path / "output").mkdir()
     monkeypatch.setattr(cog_train, "_output_dir", lambda: tmp_path / "output")
     # Cog's own input checks are tested over HTTP (test_cog_train.py); 64 px keeps this one fast
-    output = cog_train.train(
-        input_images=tmp_path / "data.zip", caption_prefix="", max_train_steps=2, learning_rate=1e-3,
-        lora_rank=4, train_text_encoder=False, resolution=64, train_batch_size=1, seed=0,
-        min_clip_score=threshold, validation_prompts="猫が寝ている\n\n  富士山  \n",
-    )  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        output = cog_train.train(
+            input_images=tmp_path / "data.zip", caption_prefix="", max_train_steps=2, learning_rate=1e-3,
+            lora_rank=4, train_text_encoder=False, resolution=64, train_batch_size=1, seed=0,
+            min_clip_score=threshold, validation_prompts="猫が寝ている\n\n  富士山  \n",
+        )  # fmt: skip
     with tarfile.open(output.weights) as tar:
         names = sorted(tar.getnames())
         info = json.load(tar.extractfile("training.json"))
+        kept = [json.loads(line) for line in tar.extractfile("clip_filter/kept.jsonl").read().splitlines()]
+        dropped_list = [json.loads(line) for line in tar.extractfile("clip_filter/dropped.jsonl").read().splitlines()]
+        assert Image.open(io.BytesIO(tar.extractfile("clip_filter/histogram.png").read())).width > 0
+        assert json.load(tar.extractfile("clip_filter/report.json"))["kept"] == 3
         shipped = [Image.open(io.BytesIO(tar.extractfile(f"validation/{i:02d}.png").read())) for i in range(2)]
+    # the images trained on are the 3 kept, in the log and in training.json; the lists are named in the .tar
+    assert {p["text"] for p in kept} == {c for c, s in scores.items() if s >= threshold}
+    assert {p["text"] for p in dropped_list} == {c for c, s in scores.items() if s < threshold}
+    assert info["data"]["images_used"] == 3 and info["data"]["images_dropped_by_clip_filter"] == 2
+    assert "Training on" not in caplog.text and "Trained on 3 images" in caplog.text
+    assert "Trained on the 3 of 5 images the Japanese CLIP filter kept" in caplog.text
+    assert "histogram: in the output .tar: clip_filter/kept.jsonl" in caplog.text
+    assert str(tmp_path) not in caplog.text.split("histogram:")[1].splitlines()[0]
     assert "validation/00.png" in names and "validation/01.png" in names and "lora.safetensors" in names
     assert info["settings"]["min_clip_score"] == threshold
     assert info["settings"]["validation_prompts"] == ["猫が寝ている", "富士山"]
@@ -255,6 +312,31 @@ def test_a_replicate_training_ships_its_filter_and_last_validation(tmp_path, wei
     assert validation["step"] == 2 and validation["seeds"] == [0, 1]
     expected = [pair_score(scorer, image, p) for image, p in zip(shipped, validation["prompts"], strict=True)]
     assert validation["clip_scores"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_replicate_training_names_its_own_inputs_for_a_damaged_scorer_and_a_threshold_too_high(
+    tmp_path, weights, monkeypatch
+):
+    from jsd.training.lora_run import LoraTrainingSettings, train_lora_archive
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, caption in enumerate(CAPTIONS[:2]):
+        (data / f"{i}.png").write_bytes(png_bytes(i))
+        (data / f"{i}.txt").write_text(caption, encoding="utf-8")
+    (tmp_path / "data.zip").write_bytes(zip_of(data))
+    settings = LoraTrainingSettings(min_clip_score=100.0, max_train_steps=1, resolution=64)
+    with pytest.raises(ValueError) as err:
+        train_lora_archive(tmp_path / "data.zip", tmp_path / "out.tar", settings, base_model=weights)
+    assert str(err.value).startswith("`min_clip_score` 100 drops every pair of `input_images` (highest score")
+    assert "--" not in str(err.value) and "jsd-lora-" not in str(err.value)
+    damaged = damaged_copy(weights, tmp_path)
+    with pytest.raises(ValueError) as err:
+        train_lora_archive(tmp_path / "data.zip", tmp_path / "out.tar", settings, base_model=damaged)
+    message = str(err.value)
+    assert message.startswith(f"`min_clip_score`'s scorer, the model weights' `japanese_clip/` {damaged}"), message
+    assert "--pretrained_model_name_or_path" not in message
+    assert not (tmp_path / "out.tar").exists()
 
 
 def test_a_replicate_threshold_without_a_scorer_names_min_clip_score(tmp_path, tiny_checkpoint):

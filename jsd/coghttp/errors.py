@@ -29,6 +29,21 @@ def clean_error(text: str) -> str:
     return _COGLET_WRAPPING.sub("", text, count=1)
 
 
+# coglet 0.23's health after a failed setup() ends its setup logs with the exception, wrapped the same way plus the
+# worker's slot id: "worker setup failed: worker setup failed (slot 3f…): Setup failed: setup failed: ScorerError: …"
+_SETUP_WRAPPING = re.compile(
+    r"^(?:(?:worker setup failed|[Ss]etup failed)(?: \(slot [\w-]+\))?: )+(?:[A-Za-z_][\w.]*(?:Error|Exception): )?"
+)
+
+
+def setup_error(state: dict) -> str:
+    """The exception that failed ``setup()``, in one line without coglet's wrapping (see above), from a health
+    state; the whole server log stays in the log file."""
+    logs = (state.get("setup") or {}).get("logs") or ""
+    lines = [line for line in logs.splitlines() if line.strip()]
+    return _SETUP_WRAPPING.sub("", lines[-1], count=1) if lines else f"health {state}"
+
+
 def validation_text(detail: list) -> str:
     """A 422's ``detail``, one ```input`: reason`` per entry (the input by the user's name, ``loc``'s last part)."""
     return "; ".join(f"`{(entry.get('loc') or ['?'])[-1]}`: {entry.get('msg')}" for entry in detail)

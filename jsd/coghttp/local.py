@@ -145,8 +145,8 @@ def _input_schema(info) -> dict:
             prop["nullable"] = True
         constraints = {
             "description": field.description,
-            "minimum": field.ge,
-            "maximum": field.le,
+            "minimum": _whole(field.ge),
+            "maximum": _whole(field.le),
             "minLength": field.min_length,
             "maxLength": field.max_length,
             "pattern": field.regex,
@@ -155,6 +155,11 @@ def _input_schema(info) -> dict:
         properties[name] = prop
     schema = {"title": "Input", "type": "object", "properties": properties}
     return schema | ({"required": required} if required else {})
+
+
+def _whole(limit: float | None) -> float | int | None:
+    """A limit as the user wrote it: cog keeps ``le=8`` as 8.0, and coglet's messages would say "8.0"."""
+    return int(limit) if isinstance(limit, float) and limit.is_integer() else limit
 
 
 def _choice_schemas(info) -> dict:

@@ -126,3 +126,42 @@ def _integer(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def settings_values(fields: list[Field], settings: dict) -> dict:
+    """The form's values from saved settings (an output file's embedded text, a history entry), by input name.
+
+    Each value is converted to its field's kind (the file's settings are all text); a setting the form has no
+    field for, a file input, or a value that does not fit its field (a choice the server no longer offers) is
+    left out, so the form keeps what it had.
+    """
+    values = {}
+    for field in fields:
+        raw = settings.get(field.name)
+        if raw is None or field.kind == "file":
+            continue
+        value = _typed(field, raw)
+        if value is not None:
+            values[field.name] = value
+    return values
+
+
+def _typed(field: Field, raw: Any) -> Any:
+    text = str(raw).strip()
+    try:
+        if field.kind == "choice":
+            return next((choice for choice in field.choices if str(choice) == text), None)
+        if field.kind == "boolean":
+            return (
+                text.lower() in ("true", "1", "yes")
+                if text.lower() in ("true", "false", "1", "0", "yes", "no")
+                else None
+            )
+        if field.kind == "integer":
+            number = int(text) if text.lstrip("-").isdigit() else int(float(text))
+            return str(number) if field.big_integer else number  # a seed lives in a text box
+        if field.kind == "number":
+            return float(text)
+    except ValueError:
+        return None
+    return str(raw)

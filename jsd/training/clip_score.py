@@ -35,10 +35,29 @@ DISTILL_VALIDATION_STEPS = 4
 DISTILL_VALIDATION_GUIDANCE = 1.0
 
 
-def load_run_scorer(config: TrainConfig, checkpoint: Path, device: torch.device):
+@dataclass(frozen=True)
+class UserNames:
+    """What the user calls the run's Japanese CLIP inputs, for messages and logs (default: scripts/train.py's flags).
+
+    ``scorer``: the scorer's name when it is the checkpoint's ``japanese_clip/`` (default: named after
+    ``--pretrained_model_name_or_path``); ``lists``: where the user finds the kept/dropped lists and the histogram
+    (default: the run folder's ``clip_filter/``, also named in the error of a threshold that drops every pair).
+    """
+
+    threshold: str = "--min_clip_score"
+    data: str = "--train_data_dir"
+    scorer: str | None = None
+    lists: str | None = None
+
+
+SCRIPT_NAMES = UserNames()  # scripts/train.py's flags
+
+
+def load_run_scorer(config: TrainConfig, checkpoint: Path, device: torch.device, names: UserNames = SCRIPT_NAMES):
     """The scorer this run needs, or ``None``.
 
-    ``--min_clip_score`` needs one (a missing one is an error); validation only scores when one is there.
+    ``--min_clip_score`` needs one (a missing or damaged one is an error naming it); validation only scores when
+    one is there.
     """
     from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
@@ -47,7 +66,8 @@ def load_run_scorer(config: TrainConfig, checkpoint: Path, device: torch.device)
     if config.scorer_path:
         folder, name = Path(config.scorer_path), "--scorer_path"
     else:
-        folder, name = scorer_folder(checkpoint), f"--pretrained_model_name_or_path {checkpoint}: its {SCORER_FOLDER}/"
+        folder = scorer_folder(checkpoint)
+        name = names.scorer or f"--pretrained_model_name_or_path {checkpoint}: its {SCORER_FOLDER}/"
     if config.min_clip_score is None and config.scorer_path is None and not folder.is_dir():
         logger.warning("No Japanese CLIP at %s: validation images are logged without scores.", folder)
         return None, None
@@ -55,7 +75,12 @@ def load_run_scorer(config: TrainConfig, checkpoint: Path, device: torch.device)
 
 
 def filter_training_data(
-    source: ImageFolderSource, scorer, scorer_folder: Path, config: TrainConfig, accelerator
+    source: ImageFolderSource,
+    scorer,
+    scorer_folder: Path,
+    config: TrainConfig,
+    accelerator,
+    names: UserNames = SCRIPT_NAMES,
 ) -> tuple[ImageFolderSource, clip_filter.FilterResult]:
     """``source`` without the pairs scored below ``--min_clip_score``; the lists go to ``PROJECT_DIR/clip_filter``."""
     out = config.run_dir / FILTER_FOLDER
@@ -66,18 +91,20 @@ def filter_training_data(
         cache_dir=out / clip_filter.CACHE_FOLDER,
         scorer_id=clip_filter.scorer_fingerprint(scorer_folder),
         caption_column=config.caption_column,
-        name="--train_data_dir",
+        name=names.data,
         state=accelerator,
     )
     if accelerator.is_main_process:
         clip_filter.write_outputs(result, out, extra={"data_dir": str(source.folder), "scorer": str(scorer_folder)})
         result.log()
-        logger.info("Kept and dropped pairs with their scores: %s", out)
+        logger.info("Kept and dropped pairs with their scores, and their histogram: %s", names.lists or out)
     kept = source.only({p.file_name for p in result.kept}, normalize=clip_filter.normal_name)
     if not kept.num_records:
-        raise ValueError(
-            f"`--min_clip_score` {config.min_clip_score:g} drops every pair of `--train_data_dir` {source.folder} "
-            f"(highest score {max(result.scores, default=0):.2f}): lower it; the scores are in {out}."
+        where = f"; the scores are in {out}" if names.lists is None else ""  # else they leave with the run
+        raise clip_filter.FilterError(
+            f"`{names.threshold}` {config.min_clip_score:g} drops every pair of `{names.data}`"
+            f"{'' if names.lists else f' {source.folder}'} (highest score {max(result.scores, default=0):.2f}): "
+            f"lower it{where}."
         )
     return kept, result
 

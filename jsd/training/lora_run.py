@@ -19,15 +19,19 @@ from pathlib import Path
 
 import torch
 
+from jsd import clip_filter
 from jsd.clip_filter import check_threshold
 from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 from jsd.lora_weights import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, TRAINING_INFO_NAME
 from jsd.manifest import verify_manifest
 from jsd.training.archive import log_skipped, prepare_dataset
+from jsd.training.clip_score import FILTER_FOLDER, UserNames
 from jsd.training.config import TrainConfig
 from jsd.training.trainer import train
 
 logger = logging.getLogger(__name__)
+# The Japanese CLIP filter's outputs that go into the .tar, under clip_filter/ (the scores cache stays out)
+FILTER_FILES = (clip_filter.KEPT_FILE, clip_filter.DROPPED_FILE, clip_filter.REPORT_FILE, clip_filter.HISTOGRAM_FILE)
 
 
 @dataclass
@@ -71,7 +75,8 @@ def train_lora_archive(
             archive, work / "data", caption_prefix=settings.caption_prefix, name=name, filename=filename
         )
         logger.info(
-            "Training on %d of %d images (captions from %s); %d file(s) skipped",
+            "%s %d of %d images (captions from %s); %d file(s) skipped",
+            "Training on" if settings.min_clip_score is None else "Scoring with the Japanese CLIP",
             dataset.images_used,
             dataset.images_found,
             dataset.caption_source,
@@ -99,15 +104,33 @@ def train_lora_archive(
             validation_prompts=list(settings.validation_prompts),
             validation_steps=max(settings.max_train_steps, 1),  # once, at the end
         ).validate()
+        names = UserNames(
+            threshold="min_clip_score",
+            data=name,
+            scorer=f"min_clip_score`'s scorer, the model weights' `{SCORER_FOLDER}/",
+            lists=f"in the output .tar: {', '.join(f'{FILTER_FOLDER}/{f}' for f in FILTER_FILES)}",
+        )
         try:
-            train(config)
+            train(config, names=names)
         finally:
             reset_accelerate()
         info = json.loads((work / "lora" / TRAINING_INFO_NAME).read_text(encoding="utf-8"))
+        data = dataset.to_json() | {"records_skipped_in_training": info["skipped"]}
+        if "clip_filter" in info:  # the images trained on are those the filter kept
+            data |= {
+                "images_used": info["clip_filter"]["kept"],
+                "images_dropped_by_clip_filter": info["clip_filter"]["dropped"],
+            }
+            logger.info(
+                "Trained on the %d of %d images the Japanese CLIP filter kept (min_clip_score %g)",
+                data["images_used"],
+                dataset.images_used,
+                settings.min_clip_score,
+            )
         info = {
             "settings": dataclasses.asdict(settings),
             "base_model": {"source": manifest.get("source"), "revision": manifest.get("revision")},
-            "data": dataset.to_json() | {"records_skipped_in_training": info["skipped"]},
+            "data": data,
             "steps": info["steps"],
             **{key: info[key] for key in ("clip_filter", "validation") if key in info},
             "trainer": {k: v for k, v in info["settings"].items() if not k.endswith(("_dir", "_path"))},
@@ -124,6 +147,9 @@ def train_lora_archive(
             validation = work / "lora" / "validation"
             for file in sorted(validation.glob("*.png")) if validation.is_dir() else ():
                 tar.add(file, arcname=f"validation/{file.name}")  # the last validation images
+            lists = work / "run" / FILTER_FOLDER
+            for file in FILTER_FILES if lists.is_dir() else ():  # kept/dropped pairs, report, histogram
+                tar.add(lists / file, arcname=f"{FILTER_FOLDER}/{file}")
     return info
 
 

@@ -99,8 +99,11 @@ def run_settings(config: TrainConfig, accelerator: Accelerator) -> dict[str, str
     return settings
 
 
-def train(config: TrainConfig) -> Path:
-    """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process)."""
+def train(config: TrainConfig, *, names: clip_score.UserNames = clip_score.SCRIPT_NAMES) -> Path:
+    """Run one stage of fine-tuning; returns ``output_dir`` (the served layout, on the main process).
+
+    ``names``: what the user calls the Japanese CLIP inputs (another front end than scripts/train.py's flags).
+    """
     accelerator = make_accelerator(config)
     log_setup(accelerator, config)
     refuse_unsupported_sharding(accelerator.distributed_type, config)
@@ -110,10 +113,12 @@ def train(config: TrainConfig) -> Path:
     )
     with accelerator.main_process_first():
         source_folder = resolve_checkpoint(config.pretrained_model_name_or_path, revision=config.revision)
-    scorer, scorer_folder = clip_score.load_run_scorer(config, source_folder, accelerator.device)
+    scorer, scorer_folder = clip_score.load_run_scorer(config, source_folder, accelerator.device, names)
     data_filter = None
     if config.min_clip_score is not None:  # rinna's recipe: low-scoring pairs never reach the trainer
-        source, data_filter = clip_score.filter_training_data(source, scorer, scorer_folder, config, accelerator)
+        source, data_filter = clip_score.filter_training_data(source, scorer, scorer_folder, config, accelerator, names)
+    if accelerator.is_local_main_process:  # after the checks above: a run they stop leaves no empty folder
+        config.run_dir.mkdir(parents=True, exist_ok=True)
     components = load_training_components(source_folder, config)
     weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
     if config.lora_rank is None:
@@ -254,9 +259,7 @@ def log_setup(accelerator: Accelerator, config: TrainConfig) -> None:
             state.distributed_type.value,
             config.output_dir,
         )
-    if accelerator.is_local_main_process:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-    else:  # one copy of the libraries' warnings, not one per process
+    if not accelerator.is_local_main_process:  # one copy of the libraries' warnings, not one per process
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
 

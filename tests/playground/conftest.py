@@ -7,7 +7,9 @@ Screenshots go to ``build/playground-test/`` (git-ignored).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,9 +33,29 @@ PAGE_TIMEOUT = 180.0  # seconds: the playground's start (importing gradio on 2 b
 class Server:
     url: str
     process: subprocess.Popen
+    weights: Path
+    workdir: Path
+    log: Path
+    stack: contextlib.ExitStack
 
     def stop(self) -> None:
         local.stop_server(self.process)
+
+    def kill(self) -> None:
+        """The server dies at once (SIGKILL to coglet and its worker), as a crash or an OOM kill does."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        """A new coglet on the same port (the playground keeps its URL), READY when this returns."""
+        port = int(self.url.rsplit(":", 1)[1])
+        log = self.stack.enter_context(open(self.log, "ab"))  # noqa: SIM115 (closed with the stack)
+        url, self.process = self.stack.enter_context(
+            local.running_server(self.weights, workdir=self.workdir, port=port, log=log)
+        )
+        state = client.wait_for_setup(url, self.process, SETUP_TIMEOUT)
+        assert state["status"] == "READY", state
 
     def settled_status(self, timeout: float = 30) -> str:
         """Health once a finished or canceled prediction has freed the slot (coglet frees it a moment later)."""
@@ -56,19 +78,23 @@ def server(tiny_checkpoint, tmp_path_factory, output_dir):
     """coglet serving the tiny checkpoint on a free loopback port: the one server of all the browser tests."""
     workdir = tmp_path_factory.mktemp("cog")
     with (
+        contextlib.ExitStack() as stack,
         open(output_dir / "coglet.log", "wb") as log,
         local.running_server(tiny_checkpoint, workdir=workdir, log=log) as (url, process),
     ):
         state = client.wait_for_setup(url, process, SETUP_TIMEOUT)
         assert state["status"] == "READY", state
-        yield Server(url, process)
+        yield Server(url, process, Path(tiny_checkpoint), workdir, output_dir / "coglet.log", stack)
 
 
 @pytest.fixture(scope="session")
-def playground(server, output_dir) -> str:
-    """``python -m jsd playground --api SERVER`` on a free port; its URL. Stopped (SIGTERM) at the end."""
+def playground(server, output_dir, tmp_path_factory) -> str:
+    """``python -m jsd playground --api SERVER`` on a free port; its URL. Stopped (SIGTERM) at the end, after
+    which its temporary folder (TMPDIR, its own here) must be empty: no ``gradio/`` upload cache left behind."""
     port = client.free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tmp = tmp_path_factory.mktemp("playground-tmp")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
+    env.pop("GRADIO_TEMP_DIR", None)
     with open(output_dir / "playground.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "jsd", "playground", "--api", server.url, "--port", str(port)],
@@ -84,6 +110,7 @@ def playground(server, output_dir) -> str:
         finally:
             process.terminate()
             process.wait(timeout=30)
+    assert sorted(path.name for path in tmp.iterdir()) == [], "left behind by the playground"
 
 
 def _wait_for_page(url: str, process: subprocess.Popen) -> None:

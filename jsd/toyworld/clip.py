@@ -1,0 +1,100 @@
+"""A toy Japanese CLIP, trained contrastively on the toy world and saved the way rinna saved theirs.
+
+BERT text tower on rinna's tokenizer (``[CLS]`` first, as rinnakk/japanese-clip tokenizes) and a ViT
+vision tower, both small (:func:`jsd.tiny.scorer_config` shapes, 64 px pictures in 16 px patches), trained
+with CLIP's symmetric InfoNCE loss on the toy world's pictures and captions. :func:`save_hub_layout` writes
+``config.json`` and a pickled ``pytorch_model.bin`` under transformers 4.x key names (rinna's hub layout,
+:data:`jsd.japanese_clip.HUB_WEIGHTS_FILE`), plus ``tokenizer/``; ``scripts/download_weights.py --scorer``
+converts that like the real one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from jsd.japanese_clip import CONFIG_FILE, HUB_WEIGHTS_FILE, TOKENIZER_SUBFOLDER, DualEncoder, preprocess, tokenize
+from jsd.tiny import scorer_config
+from jsd.tokenizer import JapaneseTokenizer
+from jsd.toyworld.world import examples
+
+IMAGE_SIZE = 64
+PATCH_SIZE = 16
+
+
+def toy_clip_config(vocab_size: int) -> dict:
+    config = scorer_config("clip", size="tiny", vocab_size=vocab_size)
+    config["vision_config"] |= {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+    config["text_config"] |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    return config
+
+
+def train_toy_clip(
+    tokenizer_model: Path, *, steps: int = 400, batch_size: int = 64, seed: int = 0, progress=print
+) -> tuple[DualEncoder, dict, list[float]]:
+    """The trained model, its config and the loss of every step; data: fresh toy-world pictures per step."""
+    tokenizer = JapaneseTokenizer(tokenizer_model)
+    config = toy_clip_config(tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    model = DualEncoder(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    stream = examples(steps * batch_size, seed=seed + 100)
+    losses = []
+    model.train()
+    for step in range(1, steps + 1):
+        batch = [next(stream) for _ in range(batch_size)]
+        pixels = torch.stack([preprocess(item.image, IMAGE_SIZE) for item in batch])
+        image = F.normalize(model.get_image_features(pixels), dim=-1)
+        text = F.normalize(model.get_text_features(**tokenize(tokenizer, [item.caption for item in batch])), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
+        # pictures of the same scene are not negatives of each other's captions
+        keys = [item.scene for item in batch]
+        same = torch.tensor([[a == b for b in keys] for a in keys])
+        logits = logits.masked_fill(same & ~torch.eye(len(batch), dtype=torch.bool), float("-inf"))
+        target = torch.arange(len(batch))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(round(loss.item(), 6))
+        if step % 25 == 0 or step == steps:
+            progress(f"toy clip step {step}/{steps} loss {loss.item():.4f}")
+    return model.eval(), config, losses
+
+
+def save_hub_layout(model: DualEncoder, config: dict, tokenizer_model: Path, folder: Path) -> Path:
+    """rinna's hub files: ``config.json``, ``pytorch_model.bin`` (4.x keys, ``position_ids`` kept) and tokenizer/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in model.rinna_state_dict().items()}
+    positions = model.text_config.max_position_embeddings
+    state["text_model.embeddings.position_ids"] = torch.arange(positions).expand((1, -1)).clone()
+    torch.save(state, folder / HUB_WEIGHTS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer_dir = folder / TOKENIZER_SUBFOLDER
+    JapaneseTokenizer(tokenizer_model).save_pretrained(tokenizer_dir)
+    notice = tokenizer_model.parent / "NOTICE.md"
+    if notice.is_file():
+        shutil.copyfile(notice, tokenizer_dir / "NOTICE.md")
+    return folder
+
+
+def build_scorer(
+    repo: Path, work: Path, dest: Path, tokenizer_model: Path, *, steps: int, seed: int, progress=print
+) -> dict:
+    """Train the toy CLIP, save it in rinna's hub layout under ``work``, convert it into ``dest/japanese_clip``
+    with ``scripts/download_weights.py --scorer`` (as a user brings in rinna's); returns its loss log."""
+    import subprocess
+    import sys
+
+    hub = work / "japanese-clip-hub"
+    shutil.rmtree(hub, ignore_errors=True)
+    model, config, losses = train_toy_clip(tokenizer_model, steps=steps, seed=seed, progress=progress)
+    save_hub_layout(model, config, tokenizer_model, hub)
+    command = [sys.executable, str(repo / "scripts" / "download_weights.py"), "--scorer", str(hub), "--dest", str(dest)]
+    progress(f"scorer: {' '.join(command[1:])}")
+    subprocess.run(command, check=True, cwd=repo)
+    return {"steps": steps, "seed": seed, "losses": losses}

@@ -1,0 +1,75 @@
+"""Train the toy checkpoint from scratch with jsd's own recipe (docs/toy-world.md); about 15 minutes on 2 cores.
+
+    .venv/bin/python scripts/train_toy.py                 # → toy/weights/ and toy/training-log.json
+    .venv/bin/python scripts/train_toy.py --work /tmp/toy --dest /tmp/toy/weights   # elsewhere
+
+Deterministic from --seed. The steps (data, VAE, the stages of scripts/train.py) are in jsd/toyworld/build.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+try:
+    import torch
+
+    from jsd.toyworld import TOY_DIR, TOY_WEIGHTS
+    from jsd.toyworld.build import Plan, build
+    from jsd.toyworld.clip import build_scorer
+except ModuleNotFoundError as err:  # started by a Python without the project's packages
+    from _venv import venv_hint  # this file's folder is sys.path[0]
+
+    raise SystemExit(venv_hint(err)) from None
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--work", default="build/toy", help="data, start checkpoint and stage runs (default: %(default)s)"
+    )
+    parser.add_argument("--dest", default=str(TOY_WEIGHTS), help="the served toy checkpoint (default: %(default)s)")
+    parser.add_argument(
+        "--tokenizer",
+        default=str(REPO.parent / "shared" / "data" / "tokenizer" / "google_sp.model"),
+        help="rinna's sentencepiece model (default: ../shared's); the committed toy checkpoint carries a copy",
+    )
+    parser.add_argument("--steps_scale", type=float, default=1.0, help="multiply every step count (0.01: a smoke test)")
+    parser.add_argument("--scorer_steps", type=int, default=200, help="steps of the toy Japanese CLIP (default: 200)")
+    parser.add_argument("--scorer_only", action="store_true", help="only (re)train the toy CLIP into --dest")
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: torch's; 1 on a busy machine)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the stages' subprocesses too
+        torch.set_num_threads(args.threads)
+    tokenizer = Path(args.tokenizer)
+    if not tokenizer.is_file():
+        fallback = REPO / TOY_WEIGHTS / "tokenizer" / "spiece.model"
+        if not fallback.is_file():
+            print(f"error: `--tokenizer` {tokenizer} does not exist (rinna's google_sp.model)", file=sys.stderr)
+            return 2
+        tokenizer = fallback
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+    work, dest = Path(args.work).resolve(), Path(args.dest).resolve()
+    if not args.scorer_only:
+        build(REPO, work, dest, tokenizer, Plan(seed=args.seed).scaled(args.steps_scale), progress=progress)
+        progress(f"wrote {args.dest} and its training log")
+    log = build_scorer(REPO, work, dest, tokenizer, steps=args.scorer_steps, seed=args.seed, progress=progress)
+    (dest.parent / "scorer-log.json").write_text(json.dumps(log) + "\n", encoding="utf-8")
+    progress(f"wrote the toy Japanese CLIP to {dest / 'japanese_clip'} and {TOY_DIR / 'scorer-log.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

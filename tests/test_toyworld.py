@@ -1,0 +1,112 @@
+"""The toy world's generator and its pixel judge (jsd.toyworld): deterministic, readable by our trainer, accurate."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from jsd.toyworld import judge, world
+from jsd.training.data import ImageFolderSource, RecordStream, TarShardSource
+
+
+def test_the_world_has_every_attribute_the_issue_names():
+    assert set(world.SHAPES) >= {"丸", "三角", "四角", "星"}
+    assert set(world.COLORS) >= {"赤", "青", "緑", "黄", "紫", "橙", "白", "黒"}
+    assert set(world.POSITIONS) == {"左", "右", "上", "下", "中央"}
+    assert set(world.SIZES) == {"大きい", "小さい"}
+    assert set(world.BACKGROUNDS) == {"白", "黒", "灰色"}
+    scenes = world.all_scenes()
+    assert all(s.color != s.background for s in scenes)
+    assert (
+        len(scenes) == len(set(scenes)) == (7 + 7 + 8) * 4 * 5 * 2
+    )  # 白 and 黒 shapes are never drawn on their own color
+
+
+def test_held_out_combinations_never_reach_the_training_data():
+    train = world.training_scenes()
+    assert not {(s.color, s.shape) for s in train} & world.HELD_OUT
+    assert {(s.color, s.shape) for s in world.held_out_scenes()} == world.HELD_OUT
+    seen = {(e.scene.color, e.scene.shape) for e in world.examples(400, seed=3)}
+    assert not seen & world.HELD_OUT
+
+
+def test_generation_is_deterministic_per_seed():
+    a = [(e.caption, e.image.tobytes()) for e in world.examples(20, seed=5)]
+    b = [(e.caption, e.image.tobytes()) for e in world.examples(20, seed=5)]
+    c = [(e.caption, e.image.tobytes()) for e in world.examples(20, seed=6)]
+    assert a == b
+    assert a != c
+
+
+def test_captions_use_several_templates_and_spellings():
+    captions = [e.caption for e in world.examples(300, seed=0)]
+    assert any("赤い" in c for c in captions) and any("あかい" in c for c in captions)
+    assert any("丸" in c for c in captions) and any("円" in c for c in captions)
+    # every template shows up (they differ in where the background phrase sits)
+    assert len({c.index("、") if "、" in c else -1 for c in captions}) > 3
+    scene = world.Scene("白", "赤", "丸", "左", "大きい")
+    assert scene.prompt() == "白い背景、左に大きい赤い丸"
+    assert scene.caption(0, 1) == "白地、ひだりにおおきいあかい円"
+
+
+def test_image_folder_and_shards_are_what_the_trainer_reads(tmp_path):
+    items = list(world.examples(12, seed=1))
+    folder = world.write_image_folder(tmp_path / "folder", items)
+    shards = world.write_shards(tmp_path / "shards", items, per_shard=5)
+    assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    line = json.loads((folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert line["text"] == items[0].caption and line["color"] == items[0].scene.color
+    for source in (ImageFolderSource(folder), TarShardSource([str(p) for p in shards])):
+        stream = RecordStream(source, resolution=128, random_flip=False, seed=0, rank=0, world_size=1, num_workers=0)
+        samples = [s for _, s in zip(range(12), stream, strict=False)]
+        assert sorted(s["text"] for s in samples) == sorted(e.caption for e in items)
+        assert samples[0]["pixel_values"].shape == (3, 128, 128)
+        assert not any(s["bad"] for s in samples)
+    # the shard bytes do not depend on when they were written
+    again = world.write_shards(tmp_path / "again", items, per_shard=5)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in shards]
+
+
+def test_the_judge_reads_the_generators_pictures_at_least_99_percent():
+    items = list(world.examples(600, seed=11, scenes=world.all_scenes()))
+    wrong: Counter[str] = Counter()
+    for item in items:
+        for name, ok in judge.read(item.image).matches(item.scene).items():
+            wrong[name] += not ok
+    accuracy = {name: 1 - wrong[name] / len(items) for name in judge.ATTRIBUTES}
+    assert min(accuracy.values()) >= 0.99, accuracy
+
+
+def test_the_judge_sees_no_shape_on_an_empty_picture():
+    from PIL import Image
+
+    reading = judge.read(Image.new("RGB", (128, 128), world.BACKGROUNDS["灰色"]))
+    assert reading == judge.Reading("灰色", None, None, None, None)
+
+
+@pytest.mark.parametrize("attribute", judge.ATTRIBUTES)
+def test_the_judge_tells_every_value_of_every_attribute_apart(attribute):
+    base = world.Scene("灰色", "赤", "四角", "中央", "大きい")
+    values = {
+        "background": world.BACKGROUNDS,
+        "color": world.COLORS,
+        "shape": world.SHAPES,
+        "position": world.POSITIONS,
+        "size": world.SIZES,
+    }[attribute]
+    for value in values:
+        scene = world.Scene(**{**base.__dict__, attribute: value})
+        if scene.color == scene.background:
+            continue
+        assert getattr(judge.read(world.render(scene)), attribute) == value
+
+
+def test_agreement_counts_per_attribute():
+    scenes = [world.Scene("白", "青", "星", "右", "小さい"), world.Scene("黒", "黄", "丸", "上", "大きい")]
+    images = [world.render(scenes[0]), world.render(scenes[0])]
+    share = judge.agreement(images, scenes)
+    assert share["color"] == 0.5 and share["shape"] == 0.5 and share["position"] == 0.5
+    with pytest.raises(ValueError, match="2 images for 1 scenes"):
+        judge.agreement(images, scenes[:1])
