@@ -63,9 +63,26 @@ def main(argv: list[str] | None = None) -> int:
 
     work, dest = Path(args.work).resolve(), Path(args.dest).resolve()
     if not args.scorer_only:
-        build(REPO, work, dest, tokenizer, Plan(seed=args.seed).scaled(args.steps_scale), progress=progress)
+        build(
+            REPO,
+            work,
+            dest,
+            tokenizer,
+            Plan(seed=args.seed).scaled(args.steps_scale),
+            train_script=REPO / "scripts" / "train.py",
+            progress=progress,
+        )
         progress(f"wrote {args.dest} and its training log")
-    log = build_scorer(REPO, work, dest, tokenizer, steps=args.scorer_steps, seed=args.seed, progress=progress)
+    log = build_scorer(
+        REPO,
+        work,
+        dest,
+        tokenizer,
+        steps=args.scorer_steps,
+        seed=args.seed,
+        convert_script=REPO / "scripts" / "download_weights.py",
+        progress=progress,
+    )
     (dest.parent / "scorer-log.json").write_text(json.dumps(log) + "\n", encoding="utf-8")
     progress(f"wrote the toy Japanese CLIP to {dest / 'japanese_clip'} and {TOY_DIR / 'scorer-log.json'}")
     return 0

@@ -74,9 +74,9 @@ def test_candidates_are_generated_in_batches_within_the_pixel_budget(generator, 
     calls = []
     real_run = serving.ImageGenerator._run
 
-    def spy(self, pipe, checked, cross_attention_kwargs=None, seeds=None):
+    def spy(self, pipe, checked, seeds=None):
         calls.append(seeds)
-        return real_run(self, pipe, checked, cross_attention_kwargs, seeds=seeds)
+        return real_run(self, pipe, checked, seeds=seeds)
 
     monkeypatch.setattr(serving.ImageGenerator, "_run", spy)
     result = generator.generate(GenerationRequest(**FAST, num_outputs=1, num_candidates=5, seed=3))
@@ -88,8 +88,8 @@ def test_flagged_candidates_are_never_chosen(generator, pipeline, monkeypatch):
     flagged_seeds = {20, 21, 23}  # image 0 keeps only seed 22; image 1 only seed 24... and 25
     real_run = serving.ImageGenerator._run
 
-    def flag(self, pipe, checked, cross_attention_kwargs=None, seeds=None):
-        output = real_run(self, pipe, checked, cross_attention_kwargs, seeds=seeds)
+    def flag(self, pipe, checked, seeds=None):
+        output = real_run(self, pipe, checked, seeds=seeds)
         output.nsfw_content_detected = [s in flagged_seeds for s in seeds]
         return output
 

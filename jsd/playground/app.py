@@ -334,7 +334,13 @@ class Playground:
         return demo
 
     def _widgets(self, fields: list[Field]) -> dict:
-        return {field.name: widget(field, self.widgets.get(field.name)) for field in fields}
+        built = {}
+        for field in fields:
+            special = self.widgets.get(field.name)
+            if special == PAINTED:  # the editor has no description of its own: say what painting does
+                gr.Markdown(i18n_label("paint_hint"), elem_id="paint-hint")
+            built[field.name] = widget(field, special)
+        return built
 
     def _wire(self, demo: gr.Blocks) -> None:
         demo.load(self.on_load, [self.history], [self.title, self.server, self.history_gallery], queue=False)

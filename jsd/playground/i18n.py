@@ -153,6 +153,11 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "lora_scale": "LoRA の強さ。0 でベースモデルと同じ画像になります。",
     "num_candidates": "best-of-N: 1 枚につきこの数の候補を生成し、rinna の日本語 CLIP がプロンプトに最も合うと"
     "判定した 1 枚を返します(重みにスコアラーが必要。なければ 1 のみ)。候補 N 個で生成時間は約 N 倍。1: 通常の生成。",
+    "fast_mode": "高速モード: 重みフォルダーの高速化 LoRA(LCM-LoRA、TCD-LoRA、Hyper-SD 4 ステップ、またはこのモデル用に"
+    "蒸留した jsd-lcm)を専用のサンプラー・4 ステップ・ガイダンスなしで使います(約 6 倍速)。ステップ数・ガイダンス"
+    "スケール・スケジューラーを既定値のままにすると高速モードの設定になります。9 ステップ以上やガイダンス 2 超は"
+    "受け付けません。`lora_weights` と併用できます。SD 1.5 用なので、このモデルでの画質への影響は未測定です。"
+    "off: 使いません。",
 }
 
 # Gradio's own words (its image editor, file list and gallery) that its Japanese table leaves in English; the

@@ -207,12 +207,13 @@ def write_start_checkpoint(dest: Path, vae: AutoencoderKL, tokenizer_model: Path
 
 
 def stage_command(repo: Path, name: str, config: str, steps: int, lr: float, extra: list[str], *, start: Path,
-                  data: dict[str, object], out: Path, plan: Plan) -> list[str]:  # fmt: skip
-    """The ``scripts/train.py`` command line of one stage (the shards feed stage 2, the folder the others)."""
+                  data: dict[str, object], out: Path, plan: Plan, train_script: Path) -> list[str]:  # fmt: skip
+    """The command line of one stage through ``train_script`` (the recipe's ``train.py``, passed in by the caller
+    so the library runs nothing of the scripts folder itself; the shards feed stage 2, the folder the others)."""
     source = ["--train_shards", *data["shards"]] if name == "stage2" else ["--train_data_dir", str(data["folder"])]
     return [
         sys.executable,
-        str(repo / "scripts" / "train.py"),
+        str(train_script),
         "--config", str(repo / config),
         "--pretrained_model_name_or_path", str(start),
         *source,
@@ -243,8 +244,10 @@ def read_losses(run_dir: Path) -> list[float]:
 
 
 def build(repo: Path, work: Path, dest: Path, tokenizer_model: Path, plan: Plan, *, stop_after: str | None = None,
-          progress=print) -> dict:  # fmt: skip
-    """Run every step; returns the training log (also written to ``dest.parent / LOG_FILE`` when complete)."""
+          train_script: Path | None = None, progress=print) -> dict:  # fmt: skip
+    """Run every step; returns the training log (also written to ``dest.parent / LOG_FILE`` when complete).
+
+    ``train_script`` is the recipe's ``train.py`` that runs the stages (needed unless ``stop_after="vae"``)."""
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
@@ -259,6 +262,8 @@ def build(repo: Path, work: Path, dest: Path, tokenizer_model: Path, plan: Plan,
     result = {"plan": _plan_json(plan), "steps": log, "stages": [], "stage_adherence": []}
     if stop_after == "vae":
         return result
+    if train_script is None:
+        raise ValueError("build() needs `train_script` (the recipe's train.py) to run the stages")
     seen = sample_scenes(plan.eval_prompts, seed=plan.seed + 1)
 
     def evaluate(name: str, folder: Path) -> dict:
@@ -272,7 +277,9 @@ def build(repo: Path, work: Path, dest: Path, tokenizer_model: Path, plan: Plan,
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / f"{name}-run", ignore_errors=True)
-        command = stage_command(repo, name, config, steps, lr, extra, start=start, data=data, out=out, plan=plan)
+        command = stage_command(
+            repo, name, config, steps, lr, extra, start=start, data=data, out=out, plan=plan, train_script=train_script
+        )
         progress(f"{name}: {' '.join(command[1:])}")
         subprocess.run(command, check=True, cwd=repo)
         losses = read_losses(work / f"{name}-run")

@@ -83,10 +83,19 @@ def save_hub_layout(model: DualEncoder, config: dict, tokenizer_model: Path, fol
 
 
 def build_scorer(
-    repo: Path, work: Path, dest: Path, tokenizer_model: Path, *, steps: int, seed: int, progress=print
+    repo: Path,
+    work: Path,
+    dest: Path,
+    tokenizer_model: Path,
+    *,
+    steps: int,
+    seed: int,
+    convert_script: Path,
+    progress=print,
 ) -> dict:
     """Train the toy CLIP, save it in rinna's hub layout under ``work``, convert it into ``dest/japanese_clip``
-    with ``scripts/download_weights.py --scorer`` (as a user brings in rinna's); returns its loss log."""
+    with ``convert_script --scorer`` (the caller passes ``download_weights.py``: brought in as a user brings in
+    rinna's); returns its loss log."""
     import subprocess
     import sys
 
@@ -94,7 +103,7 @@ def build_scorer(
     shutil.rmtree(hub, ignore_errors=True)
     model, config, losses = train_toy_clip(tokenizer_model, steps=steps, seed=seed, progress=progress)
     save_hub_layout(model, config, tokenizer_model, hub)
-    command = [sys.executable, str(repo / "scripts" / "download_weights.py"), "--scorer", str(hub), "--dest", str(dest)]
+    command = [sys.executable, str(convert_script), "--scorer", str(hub), "--dest", str(dest)]
     progress(f"scorer: {' '.join(command[1:])}")
     subprocess.run(command, check=True, cwd=repo)
     return {"steps": steps, "seed": seed, "losses": losses}

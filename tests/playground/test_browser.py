@@ -290,6 +290,7 @@ def test_every_visible_string_of_the_japanese_page_is_japanese(open_page, server
     page.locator("#reuse-seed").click()
     page.wait_for_function("document.querySelector('#message').innerText.includes('シード')")
     page.locator("#input-image button[aria-label]").first.wait_for()
+    assert "塗った部分を描き直します" in page.locator("#paint-hint").inner_text()  # the painter says what it does
     texts = page.evaluate(VISIBLE_TEXTS_JS)
     schema = client.fetch_schema(server.url)["components"]["schemas"]
     allowed = set(schema["Input"]["properties"]) | ALLOWED_WORDS
@@ -309,7 +310,7 @@ ALLOWED_WORDS = {
     "Stable", "Diffusion", "LoRA", "PNG", "JPEG", "WebP", "webp", "jpg", "png", "CLIP", "NSFW", "img2img",
     "best", "of", "N", "Ctrl", "Enter", "http", "https", "URL", "URI", "diffusers", "kohya", "tar",
     "safetensors", "rinna", "classifier", "free", "guidance", "Web", "jsd", "output", "KB", "MB", "img",
-    "playground",
+    "playground", "Hyper", "SD",
 }  # fmt: skip
 VISIBLE_TEXTS_JS = """() => {
   const out = [];
