@@ -171,6 +171,19 @@ def set_nsfw_flagging(safety_checker: StableDiffusionSafetyChecker, mode: Litera
         safety_checker.special_care_embeds_weights.fill_(_THRESHOLDS[mode])
 
 
+def sd_v1_scheduler() -> PNDMScheduler:
+    """SD v1's PNDM, as its checkpoint's ``scheduler/`` configures it (the scheduler a served checkpoint ships)."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def build_pipeline(
     tokenizer: JapaneseTokenizer, *, size: Size = "tiny", seed: int = 0, nsfw: Literal["never", "always"] = "never"
 ) -> JapaneseStableDiffusionPipeline:
@@ -192,15 +205,7 @@ def build_pipeline(
     feature_extractor = CLIPImageProcessorPil(
         size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, do_convert_rgb=True
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_v1_scheduler()
     return JapaneseStableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),

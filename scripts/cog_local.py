@@ -196,16 +196,24 @@ def serve_until_interrupted(command: list[str], env: dict[str, str]) -> int:
     Ctrl+C reaches only this process (the server's group is its own), which then stops the server the way
     :func:`jsd.coghttp.local.stop_server` always does, so nothing of coglet's shutdown reaches the terminal.
     """
+    import signal
     import subprocess
 
     from jsd.coghttp import local
 
+    # Python keeps an inherited "ignore SIGINT" (a shell's `cmd &`, some CI runners): Ctrl+C would then do nothing.
+    # Ask for it explicitly, and let SIGTERM (a service manager, `kill`) stop the server the same clean way.
+    def stop(signum, _frame):
+        raise KeyboardInterrupt("Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True)
     try:
         return process.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as why:
         local.stop_server(process)
-        print("Stopped the server (Ctrl+C).", file=sys.stderr)
+        print(f"Stopped the server ({why or 'Ctrl+C'}).", file=sys.stderr)
         return 130
 
 

@@ -276,11 +276,16 @@ def test_wait_for_setup_without_time_left_raises_a_timeout():
 
 
 def test_serve_stops_on_ctrl_c_with_one_line_and_no_traceback(tiny_checkpoint):
-    # Ctrl+C in a terminal sends SIGINT to the foreground process group: here, cog_local's own group
+    # Ctrl+C in a terminal sends SIGINT to the foreground process group: here, cog_local's own group. Started with
+    # SIGINT ignored, as a shell's `cmd &` (and some CI runners) start it: Ctrl+C must still stop it.
     port = client.free_port()
     command = [sys.executable, str(REPO / "scripts" / "cog_local.py"), "serve", "--port", str(port)]
     process = subprocess.Popen(
-        [*command, "--weights", str(tiny_checkpoint)], stderr=subprocess.PIPE, text=True, start_new_session=True
+        [*command, "--weights", str(tiny_checkpoint)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     try:
         state = client.wait_for_setup(f"http://127.0.0.1:{port}", process, 300)

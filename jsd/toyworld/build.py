@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel
 
 from jsd.manifest import write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
-from jsd.tiny import safety_checker_config, set_nsfw_flagging
+from jsd.tiny import safety_checker_config, sd_v1_scheduler, set_nsfw_flagging
 from jsd.tokenizer import JapaneseTokenizer
 from jsd.toyworld import TOY_SOURCE_PREFIX
 from jsd.toyworld.measure import adherence, sample_scenes
@@ -187,15 +187,7 @@ def write_start_checkpoint(dest: Path, vae: AutoencoderKL, tokenizer_model: Path
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            skip_prk_steps=True,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),
+        scheduler=sd_v1_scheduler(),
         safety_checker=safety_checker.eval(),
         feature_extractor=CLIPImageProcessorPil(
             size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, do_convert_rgb=True
