@@ -49,3 +49,15 @@ def tiny_scorer(tmp_path_factory) -> Path:
     from jsd.tiny import write_tiny_scorer
 
     return write_tiny_scorer(tmp_path_factory.mktemp("scorer") / "japanese_clip", kind="clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: tiny tensors gain nothing from more, CI shares its 2 cores,
+    and on a busy CPU spinning threads make each call many times slower. Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -55,13 +55,7 @@ def run(config: DistillConfig) -> Path:
         reset_accelerate()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from more threads; on a busy shared CPU, spinning threads make calls 40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------ the loss, by hand

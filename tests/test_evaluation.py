@@ -27,13 +27,7 @@ PROMPTS = ["赤い花の写真", "海辺の夕日、油絵", "猫が寝ている
 FAST = ["--width", "128", "--height", "128", "--steps", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, like the children of the 2-process test (and CI shares its cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,7 @@ FAST = {"prompt": PROMPT, "width": 128, "height": 192, "num_outputs": 1, "seed":
 TOLERANCE = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, as tests/test_evaluation.py: CI shares its cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

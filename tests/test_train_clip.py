@@ -18,7 +18,6 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from repofiles import REPO, load_repo_module
@@ -32,13 +31,7 @@ from jsd.training.config import parse_config
 PROMPTS = ["赤い花", "夜の海"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from more threads, and CI shares its cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
