@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(PY) scripts/demo.py
 
+# The suite without the end-to-end tests (marked slow: real Cog servers, training processes); CI runs those next.
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not gpu and not browser"
+
+# The end-to-end tests: every test marked slow but the toy checkpoint's retraining (docs/toy-world.md).
+.PHONY: test-slow
+test-slow: venv
+	$(PY) -m pytest -q -m "slow and not retraining and not gpu and not browser"
 
 # Builds the CPU image jsd:cpu offline from the root Dockerfile (tiny checkpoint baked in) and checks the running
 # container; starts (and stops) a Docker daemon when none runs. See docs/container.md.

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the base model is local (JSD_WEI
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 logger = logging.getLogger("jsd.train")
-RESOLUTIONS = [256, 384, 512, 640, 768]
+RESOLUTIONS = [128, 256, 384, 512, 640, 768]  # 128: the smallest served size (the toy model's)
 
 
 class TrainingOutput(BaseModel):

@@ -265,13 +265,16 @@ def _download_scorer(args: argparse.Namespace) -> int:
 
     from jsd.convert import convert_scorer, describe, existing_checkpoint, local_revision, scorer_weights_file
     from jsd.japanese_clip import CONFIG_FILE, scorer_folder
+    from jsd.manifest import sha256_file
 
     start = time.perf_counter()
     dest = scorer_folder(args.dest)
     # As for the main weights: without --revision, a complete scorer of this source is a no-op, without the network.
     local = is_local(args.scorer)
     source = str(Path(args.scorer).expanduser().resolve()) if local else args.scorer
-    if not args.force and args.revision is None and existing_checkpoint(dest, source=source, revision=None):
+    # a local folder is read again: the same path may hold a scorer trained since (its content decides, below)
+    hub_skip = not local and not args.force and args.revision is None
+    if hub_skip and existing_checkpoint(dest, source=source, revision=None):
         print(f"{describe(dest)}: already complete and verified; nothing to do.")
         return 0
     if local:
@@ -279,6 +282,9 @@ def _download_scorer(args: argparse.Namespace) -> int:
         if not folder.is_dir():
             raise FileNotFoundError(f"--scorer {args.scorer!r} is not a folder.")
         revision = args.revision or local_revision(folder)
+        if revision == "local":  # no name for this content: its weights file's hash is one
+            names = [p.name for p in folder.iterdir()]
+            revision = f"local-{sha256_file(folder / scorer_weights_file(names))[:16]}"
     else:
 
         def scorer_files(names: list[str]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 try:
     import torch
 
-    from jsd.toyworld import TOY_DIR, TOY_WEIGHTS
+    from jsd.toyworld import TOY_WEIGHTS
     from jsd.toyworld.build import Plan, build
     from jsd.toyworld.clip import build_scorer
 except ModuleNotFoundError as err:  # started by a Python without the project's packages
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rinna's sentencepiece model (default: ../shared's); the committed toy checkpoint carries a copy",
     )
     parser.add_argument("--steps_scale", type=float, default=1.0, help="multiply every step count (0.01: a smoke test)")
-    parser.add_argument("--scorer_steps", type=int, default=200, help="steps of the toy Japanese CLIP (default: 200)")
+    parser.add_argument("--scorer_steps", type=int, default=2000, help="steps of the toy Japanese CLIP (default: 2000)")
     parser.add_argument("--scorer_only", action="store_true", help="only (re)train the toy CLIP into --dest")
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: torch's; 1 on a busy machine)")
     args = parser.parse_args(argv)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
     )
     (dest.parent / "scorer-log.json").write_text(json.dumps(log) + "\n", encoding="utf-8")
-    progress(f"wrote the toy Japanese CLIP to {dest / 'japanese_clip'} and {TOY_DIR / 'scorer-log.json'}")
+    progress(f"wrote the toy Japanese CLIP to {dest / 'japanese_clip'} and {dest.parent / 'scorer-log.json'}")
     return 0
 
 

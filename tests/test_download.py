@@ -397,6 +397,31 @@ def test_scorer_from_a_local_folder_and_a_bad_one(scorer_hub, tmp_path, capsys):
     assert not (tmp_path / "bad" / SCORER_FOLDER).exists()
 
 
+def test_a_local_scorer_retrained_in_place_is_not_taken_for_the_one_converted_before(scorer_hub, tmp_path, capsys):
+    """The same folder converted again: a no-op while its weights are the same; once they changed (a scorer
+    retrained at the same path), the old conversion is not silently kept."""
+    import torch
+
+    from jsd.japanese_clip import HUB_WEIGHTS_FILE, SCORER_FOLDER
+
+    local = Path(shutil.copytree(scorer_hub[SCORER_REPO], tmp_path / "clip"))
+    shutil.copytree(scorer_hub[TOKENIZER_REPO], local / "tokenizer")
+    dest = tmp_path / "w"
+    assert download_weights.main(["--dest", str(dest), "--scorer", str(local)]) == 0
+    assert download_weights.main(["--dest", str(dest), "--scorer", str(local)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    state = torch.load(local / HUB_WEIGHTS_FILE, weights_only=True)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, local / HUB_WEIGHTS_FILE)
+    before = (dest / SCORER_FOLDER / "manifest.json").read_text()
+    assert download_weights.main(["--dest", str(dest), "--scorer", str(local)]) == 1
+    assert "--force" in capsys.readouterr().err  # refused, naming the way to replace it
+    assert (dest / SCORER_FOLDER / "manifest.json").read_text() == before
+    assert download_weights.main(["--dest", str(dest), "--scorer", str(local), "--force"]) == 0
+    assert (dest / SCORER_FOLDER / "manifest.json").read_text() != before
+    verify_manifest(dest / SCORER_FOLDER)
+
+
 def test_replacing_the_weights_keeps_the_scorer_beside_them(hub_files, tiny_scorer, tmp_path):
     from jsd.japanese_clip import SCORER_FOLDER
 

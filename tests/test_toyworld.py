@@ -110,3 +110,29 @@ def test_agreement_counts_per_attribute():
     assert share["color"] == 0.5 and share["shape"] == 0.5 and share["position"] == 0.5
     with pytest.raises(ValueError, match="2 images for 1 scenes"):
         judge.agreement(images, scenes[:1])
+
+
+def test_the_judge_reads_the_new_color_with_the_extended_palette_only():
+    """桜色, the word a LoRA learns (tests/test_toy_lora.py): drawn, read as 桜色 with ``COLORS | NEW_COLORS``;
+    never in the training scenes."""
+    scenes = [world.Scene(bg, "桜色", shape, pos, "大きい") for bg in world.BACKGROUNDS for shape in world.SHAPES
+              for pos in world.POSITIONS]  # fmt: skip
+    readings = [judge.read(world.render(s), world.COLORS | world.NEW_COLORS) for s in scenes]
+    assert all(r.color == "桜色" and r.shape == s.shape for r, s in zip(readings, scenes, strict=True))
+    assert all(judge.read(world.render(s)).color != "桜色" for s in scenes)  # the default palette has no 桜色
+    assert "桜色" not in {s.color for s in world.all_scenes()}
+    assert "桜色の" in scenes[0].prompt()
+
+
+def test_a_corrupted_caption_changes_the_color_or_the_shape_and_nothing_else():
+    import random
+
+    rng = random.Random(0)
+    changed = Counter()
+    for scene in world.all_scenes()[::7]:
+        wrong = world.corrupted(scene, rng)
+        diff = {a for a in judge.ATTRIBUTES if getattr(wrong, a) != getattr(scene, a)}
+        assert diff in ({"color"}, {"shape"}), (scene, wrong)
+        assert wrong.color != wrong.background
+        changed.update(diff)
+    assert min(changed.values()) > 0.3 * sum(changed.values())  # both kinds, about half each

@@ -11,7 +11,9 @@ converts that like the real one.
 from __future__ import annotations
 
 import json
+import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from jsd.japanese_clip import CONFIG_FILE, HUB_WEIGHTS_FILE, TOKENIZER_SUBFOLDER, DualEncoder, preprocess, tokenize
 from jsd.tiny import scorer_config
 from jsd.tokenizer import JapaneseTokenizer
-from jsd.toyworld.world import examples
+from jsd.toyworld.world import NEW_COLORS, Scene, all_scenes, corrupted, examples
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
@@ -33,30 +35,45 @@ def toy_clip_config(vocab_size: int) -> dict:
     return config
 
 
+def scorer_scenes() -> list[Scene]:
+    """Every scene, held-out combinations and the new color (:data:`~jsd.toyworld.world.NEW_COLORS`) included:
+    the scorer knows every word, as rinna's CLIP knows words a fine-tuned model may still draw badly."""
+    scenes = all_scenes()
+    return scenes + [replace(s, color=new) for new in NEW_COLORS for s in scenes if s.color == "赤"]
+
+
 def train_toy_clip(
     tokenizer_model: Path, *, steps: int = 400, batch_size: int = 64, seed: int = 0, progress=print
 ) -> tuple[DualEncoder, dict, list[float]]:
-    """The trained model, its config and the loss of every step; data: fresh toy-world pictures per step."""
+    """The trained model, its config and the loss of every step; data: fresh toy-world pictures per step.
+
+    Each picture's caption also comes with a hard negative, the same caption with the color or the shape
+    swapped (:func:`~jsd.toyworld.world.corrupted`; NegCLIP's idea): the distinction a data filter has to
+    make, which plain in-batch negatives teach slowly."""
     tokenizer = JapaneseTokenizer(tokenizer_model)
     config = toy_clip_config(tokenizer.vocab_size)
     torch.manual_seed(seed)
     model = DualEncoder(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    stream = examples(steps * batch_size, seed=seed + 100)
+    stream = examples(steps * batch_size, seed=seed + 100, scenes=scorer_scenes())
+    rng = random.Random(seed)
     losses = []
     model.train()
     for step in range(1, steps + 1):
         batch = [next(stream) for _ in range(batch_size)]
+        negatives = [corrupted(item.scene, rng).caption(item.template, item.variant) for item in batch]
         pixels = torch.stack([preprocess(item.image, IMAGE_SIZE) for item in batch])
         image = F.normalize(model.get_image_features(pixels), dim=-1)
-        text = F.normalize(model.get_text_features(**tokenize(tokenizer, [item.caption for item in batch])), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
+        texts = tokenize(tokenizer, [item.caption for item in batch] + negatives)
+        text = F.normalize(model.get_text_features(**texts), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # batch × (captions + negatives)
         # pictures of the same scene are not negatives of each other's captions
         keys = [item.scene for item in batch]
-        same = torch.tensor([[a == b for b in keys] for a in keys])
-        logits = logits.masked_fill(same & ~torch.eye(len(batch), dtype=torch.bool), float("-inf"))
+        same = torch.tensor([[a == b for b in keys] for a in keys]) & ~torch.eye(len(batch), dtype=torch.bool)
+        logits = logits.masked_fill(F.pad(same, (0, len(batch))), float("-inf"))
         target = torch.arange(len(batch))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        per_text = logits[:, : len(batch)].T
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(per_text, target)) / 2
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -103,7 +120,7 @@ def build_scorer(
     shutil.rmtree(hub, ignore_errors=True)
     model, config, losses = train_toy_clip(tokenizer_model, steps=steps, seed=seed, progress=progress)
     save_hub_layout(model, config, tokenizer_model, hub)
-    command = [sys.executable, str(convert_script), "--scorer", str(hub), "--dest", str(dest)]
+    command = [sys.executable, str(convert_script), "--scorer", str(hub), "--dest", str(dest), "--force"]  # a rebuild
     progress(f"scorer: {' '.join(command[1:])}")
     subprocess.run(command, check=True, cwd=repo)
     return {"steps": steps, "seed": seed, "losses": losses}

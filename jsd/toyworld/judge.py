@@ -79,8 +79,9 @@ def read_shape(mask: np.ndarray, box: tuple[int, int, int, int]) -> str:
     return SHAPES[int(np.argmax(scores))]
 
 
-def read(image: Image.Image) -> Reading:
-    """What ``image`` shows (any size; read at 128×128)."""
+def read(image: Image.Image, colors: dict[str, tuple[int, int, int]] = COLORS) -> Reading:
+    """What ``image`` shows (any size; read at 128×128); ``colors``: the palette its color is read from
+    (``COLORS | NEW_COLORS`` where a picture may show the new word a LoRA learned)."""
     pixels = _as_array(image)
     border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3)])
     border = np.concatenate([border, pixels[:, :4].reshape(-1, 3), pixels[:, -4:].reshape(-1, 3)])
@@ -88,7 +89,7 @@ def read(image: Image.Image) -> Reading:
     mask = foreground_mask(pixels, background)
     if mask.sum() < MIN_FOREGROUND:
         return Reading(background, None, None, None, None)
-    color = _nearest(np.median(pixels[mask], axis=0), COLORS, exclude=background)
+    color = _nearest(np.median(pixels[mask], axis=0), colors, exclude=background)
     ys, xs = np.nonzero(mask)
     # the bounding box of the central 98 % of the foreground: a few stray pixels do not stretch it
     x0, x1 = (int(v) for v in np.percentile(xs, (1, 99)))

@@ -19,7 +19,7 @@ import math
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -38,6 +38,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "白": (255, 255, 255),
     "黒": (0, 0, 0),
 }
+# A color no training caption names: the new word a LoRA learns (docs/toy-world.md). Never in all_scenes().
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"桜色": (245, 140, 190)}
 SHAPES = ("丸", "三角", "四角", "星")
 # Centres of the five positions (x, y), in pixels.
 POSITIONS: dict[str, tuple[int, int]] = {
@@ -62,6 +64,7 @@ COLOR_WORDS: dict[str, tuple[str, ...]] = {
     "橙": ("橙色の", "オレンジの", "だいだい色の"),
     "白": ("白い", "しろい", "白色の"),
     "黒": ("黒い", "くろい", "黒色の"),
+    "桜色": ("桜色の", "さくら色の", "桜色の"),
 }
 SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "丸": ("丸", "円", "まる"),
@@ -183,7 +186,7 @@ def render(scene: Scene, rng: random.Random | None = None) -> Image.Image:
     cx, cy = cx + jitter(), cy + jitter()
     side = SIZES[scene.size] + jitter()
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    draw_shape(ImageDraw.Draw(image), scene.shape, box, COLORS[scene.color])
+    draw_shape(ImageDraw.Draw(image), scene.shape, box, (COLORS | NEW_COLORS)[scene.color])
     return image
 
 
@@ -194,6 +197,8 @@ class Example:
     scene: Scene
     caption: str
     image: Image.Image
+    template: int = 0  # the caption's template and spelling variant (Scene.caption's arguments)
+    variant: int = 0
 
     def metadata(self, file_name: str) -> dict:
         return {"file_name": file_name, "text": self.caption, **asdict(self.scene)}
@@ -209,8 +214,17 @@ def examples(count: int, *, seed: int = 0, scenes: list[Scene] | None = None) ->
             order = scenes[:]
             rng.shuffle(order)
         scene = order.pop()
-        caption = scene.caption(rng.randrange(len(TEMPLATES)), rng.randrange(6))
-        yield Example(f"{i:06d}", scene, caption, render(scene, rng))
+        template, variant = rng.randrange(len(TEMPLATES)), rng.randrange(6)
+        yield Example(f"{i:06d}", scene, scene.caption(template, variant), render(scene, rng), template, variant)
+
+
+def corrupted(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with its color or its shape (one of the two, at random) swapped for another valid one: the
+    wrong caption of a picture, as a data filter must catch it."""
+    if rng.random() < 0.5:
+        colors = [c for c in COLORS | NEW_COLORS if c not in (scene.color, scene.background)]
+        return replace(scene, color=rng.choice(colors))
+    return replace(scene, shape=rng.choice([s for s in SHAPES if s != scene.shape]))
 
 
 def png_bytes(image: Image.Image) -> bytes:
