@@ -215,6 +215,11 @@ def test_busy_server_answers_409_and_cancel_ends_as_canceled(server):
     slow = {"width": 1024, "height": 768, "num_inference_steps": 100, "seed": 9}
     with server.running("predictions", "slow-1", slow) as result:
         assert server.health()["status"] == "BUSY"
+        # Cancel once the predictor runs: coglet is BUSY a moment before predict() starts, and a cancel that
+        # lands in between can be lost (CI saw the 100 steps run on past the 120 s wait once, after a 200).
+        deadline = time.monotonic() + 60
+        while "with seeds [9]" not in server.logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
         busy_status, _ = server.predict(FAST, wait_if_busy=0)
         assert busy_status == 409
