@@ -8,7 +8,6 @@ pictures of a 桜色 prompt show it with the LoRA, and the same prompt at `lora_
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from cogserver import cog_server
 from loopback import LoopbackFiles
 from PIL import Image
 
+from jsd.coghttp import datauri
 from jsd.toyworld import TOY_WEIGHTS, judge, world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,19 +64,17 @@ def dataset_zip(count: int = 24) -> bytes:
     return buffer.getvalue()
 
 
-def data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
 @pytest.fixture(scope="module")
 def lora_url(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lora-cache")
     files = LoopbackFiles()
     with mock.patch.dict(os.environ, {"JSD_LORA_CACHE": str(cache)}), cog_server(WEIGHTS, train=True) as trainer:
         assert trainer.status == "READY", trainer.logs()[-3000:]
-        status, body = trainer.train(TRAIN | {"input_images": data_uri(dataset_zip(), "application/zip")}, timeout=900)
+        status, body = trainer.train(
+            TRAIN | {"input_images": datauri.encode_bytes(dataset_zip(), "application/zip")}, timeout=900
+        )
         assert status == 200 and body["status"] == "succeeded", (body.get("error"), trainer.logs()[-3000:])
-        tar = base64.b64decode(body["output"]["weights"].partition(",")[2])
+        tar = datauri.decode(body["output"]["weights"])[1]
         files.add("/sakura.tar", tar)
         yield files.url("/sakura.tar"), cache, tar
     files.close()
@@ -88,7 +86,7 @@ def new_color_share(server, scenes: list[world.Scene], **inputs) -> float:
         request = {"prompt": scene.prompt(), "width": 128, "height": 128, "num_inference_steps": 25, "seed": i}
         status, body = server.predict(request | {"output_format": "png"} | inputs)
         assert status == 200 and body["status"] == "succeeded", body.get("error")
-        image = Image.open(io.BytesIO(base64.b64decode(body["output"][0].partition(",")[2])))
+        image = Image.open(io.BytesIO(datauri.decode(body["output"][0])[1]))
         shown += judge.read(image, PALETTE).color == NEW
     return shown / len(scenes)
 
