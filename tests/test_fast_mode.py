@@ -159,36 +159,31 @@ def test_fast_mode_with_a_style_lora_applies_both_each_at_its_scale_then_the_bas
     weights,
     lora_file,  # noqa: F811
 ):
-    components = predictor.generator.pipeline.components
     base = predicted(predictor, predict_module, **FAST, num_inference_steps=3)
     both = predicted(predictor, predict_module, **FAST, fast_mode="lcm", lora_weights=str(lora_file), lora_scale=0.6)
-    theirs = diffusers_image(
-        components,
-        LCMScheduler.from_config(config(predictor)),
-        loras=[(weights / "fast" / "lcm" / LORA_FILE, 1.0), (lora_file, 0.6)],
-        num_inference_steps=4,
-        guidance_scale=1.0,
-    )
-    assert_same(both, theirs)
+    assert_same(both, lcm_with_style_lora(predictor, weights, lora_file))
     fast_only = predicted(predictor, predict_module, **FAST, fast_mode="lcm")
     assert np.abs(both - fast_only).mean() > 3  # the style LoRA is there too
     assert np.array_equal(predicted(predictor, predict_module, **FAST, num_inference_steps=3), base)  # unloaded
+
+
+def lcm_with_style_lora(predictor, weights: Path, style: Path) -> np.ndarray:
+    """Plain diffusers on ``predictor``'s components: the LCM fast-mode LoRA at 1.0 and ``style`` at 0.6."""
+    return diffusers_image(
+        predictor.generator.pipeline.components,
+        LCMScheduler.from_config(config(predictor)),
+        loras=[(weights / "fast" / "lcm" / LORA_FILE, 1.0), (style, 0.6)],
+        num_inference_steps=4,
+        guidance_scale=1.0,
+    )
 
 
 def test_a_trained_versions_lora_goes_with_fast_mode(predict_module, weights, lora_file):  # noqa: F811
     with mock.patch.dict(os.environ, {"JSD_WEIGHTS": str(weights)}):
         version = predict_module.Predictor()
         version.setup(str(lora_file))  # COG_WEIGHTS
-    components = version.generator.pipeline.components
     ours = predicted(version, predict_module, **FAST, fast_mode="lcm", lora_scale=0.6)
-    theirs = diffusers_image(
-        components,
-        LCMScheduler.from_config(config(version)),
-        loras=[(weights / "fast" / "lcm" / LORA_FILE, 1.0), (lora_file, 0.6)],
-        num_inference_steps=4,
-        guidance_scale=1.0,
-    )
-    assert_same(ours, theirs)
+    assert_same(ours, lcm_with_style_lora(version, weights, lora_file))
 
 
 def test_tcd_samples_with_eta_0_3(predictor, predict_module):
