@@ -1,4 +1,4 @@
-"""Train the toy checkpoint from scratch with jsd's own recipe (docs/toy-world.md); about 15 minutes on 2 cores.
+"""Train the toy checkpoint from scratch with jsd's own recipe (docs/toy-world.md); about 30 minutes on 2 cores.
 
     .venv/bin/python scripts/train_toy.py                 # → toy/weights/ and toy/training-log.json
     .venv/bin/python scripts/train_toy.py --work /tmp/toy --dest /tmp/toy/weights   # elsewhere

@@ -17,6 +17,7 @@ from jsd.loading import load_components, load_scheduler
 from jsd.training.step import diffusion_loss, tokenize
 
 SEED = 7
+GAMMA = 0.001
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,9 @@ def parts(tiny_checkpoint):
     return components, pixels, input_ids, config
 
 
-def reference_loss(components, pixels, input_ids, scheduler: DDPMScheduler, prediction_type: str) -> torch.Tensor:
+def reference_loss(
+    components, pixels, input_ids, scheduler: DDPMScheduler, prediction_type: str, snr_gamma: float | None = None
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         latents = components["vae"].encode(pixels).latent_dist.sample(generator=generator) * 0.18215
@@ -43,10 +46,16 @@ def reference_loss(components, pixels, input_ids, scheduler: DDPMScheduler, pred
         target = {"epsilon": noise, "v_prediction": velocity}[prediction_type]
         hidden = components["text_encoder"](input_ids)[0]
         prediction = components["unet"](noisy, timesteps, hidden).sample
-        return ((prediction - target) ** 2).mean()
+        per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+        if snr_gamma is None:
+            return per_sample.mean()
+        # Min-SNR-gamma (Hang et al. 2023, eq. 10 and its v form): min(SNR, γ)/SNR, SNR = ᾱ/(1-ᾱ)
+        snr = (alpha_bar / (1 - alpha_bar)).flatten()
+        divisor = snr + 1 if prediction_type == "v_prediction" else snr
+        return (per_sample * torch.minimum(snr, torch.tensor(snr_gamma)) / divisor).mean()
 
 
-def loss_of(parts, scheduler: DDPMScheduler) -> torch.Tensor:
+def loss_of(parts, scheduler: DDPMScheduler, snr_gamma: float | None = None) -> torch.Tensor:
     """jsd.training's loss on the fixed batch, with the fixed noise seed."""
     components, pixels, input_ids, _ = parts
     return diffusion_loss(
@@ -57,6 +66,7 @@ def loss_of(parts, scheduler: DDPMScheduler) -> torch.Tensor:
         pixel_values=pixels,
         input_ids=input_ids,
         generator=torch.Generator().manual_seed(SEED),
+        snr_gamma=snr_gamma,
     )
 
 
@@ -79,3 +89,52 @@ def test_an_unknown_prediction_type_is_refused(parts):
     scheduler = DDPMScheduler.from_config(config, prediction_type="sample")
     with pytest.raises(ValueError, match=r"`prediction_type`='sample'"):
         loss_of(parts, scheduler)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_equals_an_independent_computation(parts, prediction_type):
+    components, pixels, input_ids, config = parts
+    scheduler = DDPMScheduler.from_config(config, prediction_type=prediction_type)
+    with torch.no_grad():
+        # γ below every SNR of the schedule (its last is 0.0047): each timestep of the batch is reweighted
+        weighted = loss_of(parts, scheduler, snr_gamma=GAMMA)
+        plain = loss_of(parts, scheduler)
+    expected = reference_loss(components, pixels, input_ids, scheduler, prediction_type, snr_gamma=GAMMA)
+    assert abs(weighted.item() - plain.item()) > 1e-3 * plain.item()  # the weighting changes this batch's loss
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_weights_its_loss_by_snr_gamma(parts):
+    """``--snr_gamma`` reaches the loss of every training step (trainer.batch_loss)."""
+    from types import SimpleNamespace
+
+    from jsd.training.config import parse_config
+    from jsd.training.trainer import batch_loss
+
+    components, pixels, _, config = parts
+    components = dict(components, noise_scheduler=DDPMScheduler.from_config(config))
+    batch = {"text": ["赤い花の写真", "海辺の夕日"], "pixel_values": pixels}
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+
+    def step_loss(*flags: str) -> float:
+        settings = parse_config(["--pretrained_model_name_or_path", "x", "--train_data_dir", "x", *flags])
+        with torch.no_grad():
+            return batch_loss(accelerator, settings, components, batch, torch.Generator().manual_seed(SEED)).item()
+
+    plain = step_loss("--caption_dropout", "0")
+    weighted = step_loss("--caption_dropout", "0", "--snr_gamma", str(GAMMA))
+    generator = torch.Generator().manual_seed(SEED)
+    torch.rand(2, generator=generator)  # batch_loss draws its caption dropout first
+    with torch.no_grad():
+        expected = diffusion_loss(
+            unet=components["unet"],
+            vae=components["vae"],
+            text_encoder=components["text_encoder"],
+            noise_scheduler=components["noise_scheduler"],
+            pixel_values=pixels,
+            input_ids=tokenize(components["tokenizer"], batch["text"]),
+            generator=generator,
+            snr_gamma=GAMMA,
+        ).item()
+    assert weighted == pytest.approx(expected, rel=1e-5)
+    assert abs(weighted - plain) > 1e-3 * plain

@@ -136,3 +136,44 @@ def test_a_corrupted_caption_changes_the_color_or_the_shape_and_nothing_else():
         assert wrong.color != wrong.background
         changed.update(diff)
     assert min(changed.values()) > 0.3 * sum(changed.values())  # both kinds, about half each
+
+
+def test_the_toy_vae_encodes_nearly_deterministically_from_its_first_step(tmp_path):
+    """The build's VAE starts (and after training steps stays) with a posterior spread far below its latents':
+    from diffusers' default start the UNet learnt encoder noise and drew speckles (docs/toy-world.md)."""
+    import numpy as np
+    import torch
+
+    from jsd.toyworld.build import Plan, train_vae
+
+    folder = world.write_image_folder(tmp_path / "data", list(world.examples(8, seed=0)))
+    vae = train_vae(folder, Plan(vae_steps=2, vae_batch_size=2), [], progress=lambda _: None)
+    pictures = torch.stack([torch.from_numpy(np.array(e.image)) for e in world.examples(4, seed=1)])
+    with torch.no_grad():
+        posterior = vae.encode(pictures.permute(0, 3, 1, 2).float() / 127.5 - 1.0).latent_dist
+    # diffusers' default start: a spread of about 1 (raw units), three times the means'
+    assert float(posterior.std.max()) < 0.05 * float(posterior.mean.std())
+
+
+def test_each_stage_command_is_one_train_py_accepts_with_the_plans_settings(tmp_path):
+    """The build's stages run ``scripts/train.py``: every flag must parse, and the plan's settings must reach it
+    (train.py's own 500-step warm-up once took most of a 700-step stage)."""
+    from pathlib import Path
+
+    from jsd.toyworld.build import Plan, stage_command
+    from jsd.training.config import parse_config
+
+    repo = Path(__file__).resolve().parents[1]
+    plan = Plan(lr_warmup_steps=7, snr_gamma=3.0, train_batch_size=5)
+    data = {"folder": tmp_path / "data", "shards": [str(tmp_path / "shard-000000.tar")]}
+    for name, config, steps, lr, extra in plan.stages:
+        command = stage_command(repo, name, config, steps, lr, extra, start=tmp_path / "start", data=data,
+                                out=tmp_path / name, plan=plan, train_script=repo / "scripts" / "train.py")  # fmt: skip
+        settings = parse_config(command[2:])
+        assert (settings.lr_warmup_steps, settings.snr_gamma, settings.train_batch_size) == (7, 3.0, 5)
+        assert (settings.prediction_type, settings.max_train_steps, settings.learning_rate) == (
+            plan.prediction_type,
+            steps,
+            lr,
+        )
+        assert settings.resolution == 128 and settings.stage == 2

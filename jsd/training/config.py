@@ -102,6 +102,12 @@ class TrainConfig:
     adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Gradients are clipped to this norm.")
+    snr_gamma: float | None = opt(
+        None,
+        "Min-SNR loss weighting (Hang et al. 2023) with this gamma, as diffusers' train_text_to_image.py: "
+        "5.0 is the paper's value. Default: plain MSE.",
+        type=float,
+    )
     prediction_type: str | None = opt(
         None, "Override the scheduler config's prediction type.", choices=("epsilon", "v_prediction")
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import compute_snr
 
 from jsd.tokenizer import JapaneseTokenizer
 
@@ -35,11 +36,13 @@ def diffusion_loss(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
     generator: torch.Generator,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and the target its scheduler config asks for.
 
     ``pixel_values`` in [-1, 1] on the training device; the VAE is frozen (no graph is kept for it),
-    gradients reach whichever of ``text_encoder`` and ``unet`` require them.
+    gradients reach whichever of ``text_encoder`` and ``unet`` require them. ``snr_gamma``: each
+    sample's MSE weighted by Min-SNR (:func:`min_snr_weights`).
     """
     with torch.no_grad():
         posterior = vae.encode(pixel_values.to(_dtype(vae))).latent_dist
@@ -61,7 +64,23 @@ def diffusion_loss(
     unet_dtype = _dtype(unet)  # a frozen UNet (stage 1) is stored in the mixed-precision dtype
     hidden = encoder_hidden_states.to(unet_dtype)
     model_pred = unet(noisy_latents.to(unet_dtype), timesteps, hidden, return_dict=False)[0]
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample: ``min(SNR, gamma) / SNR`` for epsilon, ``/ (SNR + 1)`` for v.
+
+    As diffusers' examples/text_to_image/train_text_to_image.py (``--snr_gamma``): the easy, almost noise-free
+    timesteps stop dominating the gradient, and a model learns what the noisy ones decide (layout, color) sooner.
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:

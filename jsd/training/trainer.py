@@ -408,6 +408,7 @@ def batch_loss(accelerator, config, components, batch, generator) -> torch.Tenso
         pixel_values=batch["pixel_values"].to(accelerator.device, non_blocking=True),
         input_ids=input_ids,
         generator=generator,
+        snr_gamma=config.snr_gamma,
     )
 
 
