@@ -55,8 +55,10 @@ def reference_loss(
         return (per_sample * torch.minimum(snr, torch.tensor(snr_gamma)) / divisor).mean()
 
 
-def loss_of(parts, scheduler: DDPMScheduler, snr_gamma: float | None = None) -> torch.Tensor:
-    """jsd.training's loss on the fixed batch, with the fixed noise seed."""
+def loss_of(
+    parts, scheduler: DDPMScheduler, snr_gamma: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """jsd.training's loss on the fixed batch, with the fixed noise seed unless ``generator`` is given."""
     components, pixels, input_ids, _ = parts
     return diffusion_loss(
         unet=components["unet"],
@@ -65,7 +67,7 @@ def loss_of(parts, scheduler: DDPMScheduler, snr_gamma: float | None = None) -> 
         noise_scheduler=scheduler,
         pixel_values=pixels,
         input_ids=input_ids,
-        generator=torch.Generator().manual_seed(SEED),
+        generator=generator or torch.Generator().manual_seed(SEED),
         snr_gamma=snr_gamma,
     )
 
@@ -111,7 +113,8 @@ def test_the_trainer_weights_its_loss_by_snr_gamma(parts):
     from jsd.training.config import parse_config
     from jsd.training.trainer import batch_loss
 
-    components, pixels, _, config = parts
+    components, pixels, input_ids, config = parts
+    assert torch.equal(input_ids, tokenize(components["tokenizer"], ["赤い花の写真", "海辺の夕日"]))
     components = dict(components, noise_scheduler=DDPMScheduler.from_config(config))
     batch = {"text": ["赤い花の写真", "海辺の夕日"], "pixel_values": pixels}
     accelerator = SimpleNamespace(device=torch.device("cpu"))
@@ -125,16 +128,7 @@ def test_the_trainer_weights_its_loss_by_snr_gamma(parts):
     weighted = step_loss("--caption_dropout", "0", "--snr_gamma", str(GAMMA))
     generator = torch.Generator().manual_seed(SEED)
     torch.rand(2, generator=generator)  # batch_loss draws its caption dropout first
-    with torch.no_grad():
-        expected = diffusion_loss(
-            unet=components["unet"],
-            vae=components["vae"],
-            text_encoder=components["text_encoder"],
-            noise_scheduler=components["noise_scheduler"],
-            pixel_values=pixels,
-            input_ids=tokenize(components["tokenizer"], batch["text"]),
-            generator=generator,
-            snr_gamma=GAMMA,
-        ).item()
+    with torch.no_grad():  # the fixed batch's captions are the ones of ``batch``
+        expected = loss_of(parts, components["noise_scheduler"], GAMMA, generator).item()
     assert weighted == pytest.approx(expected, rel=1e-5)
     assert abs(weighted - plain) > 1e-3 * plain
