@@ -177,3 +177,69 @@ def test_each_stage_command_is_one_train_py_accepts_with_the_plans_settings(tmp_
             lr,
         )
         assert settings.resolution == 128 and settings.stage == 2
+
+
+def test_the_vae_weighs_the_shape_and_a_margin_around_it_over_the_background():
+    """Weighting the shape's pixels only, the VAE drew cheap halos that the judge read as part of the shape."""
+    import torch
+
+    from jsd.toyworld.build import SHAPE_MARGIN, reconstruction_weight
+
+    batch = torch.ones(1, 3, 64, 64)  # a white picture in [-1, 1]
+    batch[:, 1:, 20:30, 20:30] = -1.0  # a red square
+    weight = reconstruction_weight(batch, 10.0)[0, 0]
+    assert float(weight[25, 25]) == 10.0  # on the shape
+    assert float(weight[25, 32]) == 10.0  # two pixels outside its right edge
+    assert float(weight[25, 30 + SHAPE_MARGIN + 3]) == 1.0  # the background beyond the margin
+    assert float(weight[5, 5]) == 1.0
+
+
+def test_the_vae_round_trip_reads_what_the_decoder_draws_not_the_input():
+    """The build logs how much of a picture survives the VAE: the ceiling of what its UNet can draw."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from jsd.toyworld.measure import vae_round_trip
+
+    def stand_in(decode):
+        return SimpleNamespace(
+            encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x.clone())),
+            decode=lambda z: SimpleNamespace(sample=decode(z)),
+        )
+
+    exact = vae_round_trip(stand_in(lambda z: z), count=24)
+    assert exact == {name: 1.0 for name in judge.ATTRIBUTES}
+    swapped = vae_round_trip(stand_in(lambda z: z[:, [2, 1, 0]]), count=24)  # red and blue change places
+    assert swapped["background"] == 1.0 and swapped["position"] == 1.0
+    assert swapped["color"] < 0.8
+    blank = vae_round_trip(stand_in(lambda z: torch.ones_like(z)), count=24)  # a white picture
+    assert blank["color"] == 0.0
+
+
+def test_the_toy_clip_build_says_what_it_is_and_carries_the_tokenizers_notice(tmp_path):
+    """The converter records the builder's work folder as the scorer's source: the committed toy CLIP must say
+    it is the toy one (as the toy checkpoint does) and carry rinna's NOTICE with their tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from jsd.japanese_clip import JapaneseCLIPScorer
+    from jsd.manifest import read_manifest, verify_manifest
+    from jsd.toyworld import TOY_SOURCE_PREFIX, TOY_WEIGHTS
+    from jsd.toyworld.clip import build_scorer
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = repo / TOY_WEIGHTS / "japanese_clip" / "tokenizer"
+    if not (committed / "spiece.model").is_file():
+        pytest.skip("no committed toy Japanese CLIP (its tokenizer is rinna's, with the NOTICE)")
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(committed, tokenizer)
+    dest = tmp_path / "weights"
+    build_scorer(repo, tmp_path / "work", dest, tokenizer / "spiece.model", steps=2, seed=0,
+                 convert_script=repo / "scripts" / "download_weights.py", progress=lambda _: None)  # fmt: skip
+    scorer = dest / "japanese_clip"
+    manifest = read_manifest(scorer)
+    assert manifest["source"].startswith(TOY_SOURCE_PREFIX) and str(tmp_path) not in manifest["source"]
+    assert (scorer / "tokenizer" / "NOTICE.md").read_bytes() == (tokenizer / "NOTICE.md").read_bytes()
+    verify_manifest(scorer)  # the NOTICE is hashed with the rest
+    JapaneseCLIPScorer.from_pretrained(scorer, device="cpu")

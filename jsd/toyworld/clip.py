@@ -19,9 +19,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from jsd.japanese_clip import CONFIG_FILE, HUB_WEIGHTS_FILE, TOKENIZER_SUBFOLDER, DualEncoder, preprocess, tokenize
+from jsd.japanese_clip import (
+    CONFIG_FILE,
+    HUB_WEIGHTS_FILE,
+    SCORER_FOLDER,
+    TOKENIZER_SUBFOLDER,
+    DualEncoder,
+    preprocess,
+    tokenize,
+)
+from jsd.manifest import write_manifest
 from jsd.tiny import scorer_config
 from jsd.tokenizer import JapaneseTokenizer
+from jsd.toyworld import TOY_SOURCE_PREFIX
 from jsd.toyworld.world import NEW_COLORS, Scene, all_scenes, corrupted, examples
 
 IMAGE_SIZE = 64
@@ -123,4 +133,11 @@ def build_scorer(
     command = [sys.executable, str(convert_script), "--scorer", str(hub), "--dest", str(dest), "--force"]  # a rebuild
     progress(f"scorer: {' '.join(command[1:])}")
     subprocess.run(command, check=True, cwd=repo)
+    scorer = dest / SCORER_FOLDER
+    notice = tokenizer_model.parent / "NOTICE.md"
+    if notice.is_file():  # rinna's tokenizer (Apache-2.0) travels with its notice
+        shutil.copyfile(notice, scorer / TOKENIZER_SUBFOLDER / "NOTICE.md")
+    # the converter recorded this machine's work folder as the source: say what it is instead
+    write_manifest(scorer, source=f"{TOY_SOURCE_PREFIX}: the toy Japanese CLIP of scripts/train_toy.py, not rinna's",
+                   revision=f"toy-clip-seed{seed}")  # fmt: skip
     return {"steps": steps, "seed": seed, "losses": losses}
