@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -47,13 +46,13 @@ def adherence(folder: str | Path, scenes: list[world.Scene], *, steps: int = 25)
 def vae_round_trip(vae, count: int = 96, *, seed: int = 5) -> dict[str, float]:
     """Per attribute, the share of ``count`` fresh pictures of the training scenes that the judge still reads
     right after ``vae`` encodes them (the posterior's mean) and decodes them: what the UNet can draw at best."""
+    from diffusers.image_processor import VaeImageProcessor
+
     rng = random.Random(seed)
     scenes = sample_scenes(count, seed=seed)
-    images = []
-    for scene in scenes:
-        pixels = torch.from_numpy(np.asarray(world.render(scene, rng), dtype=np.float32)).permute(2, 0, 1)
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels[None] / 127.5 - 1.0).latent_dist.mean).sample[0]
-        array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        images.append(Image.fromarray(array))
+    processor = VaeImageProcessor()  # diffusers' own PIL <-> [-1, 1] conversion, as the pipelines use it
+    pixels = processor.preprocess([world.render(scene, rng) for scene in scenes])
+    with torch.no_grad():
+        decoded = torch.cat([vae.decode(vae.encode(part).latent_dist.mean).sample for part in pixels.split(32)])
+    images = processor.postprocess(decoded, output_type="pil")
     return {k: round(v, 4) for k, v in judge.agreement(images, scenes).items()}
