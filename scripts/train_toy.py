@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,19 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the stages' subprocesses too
         torch.set_num_threads(args.threads)
-    tokenizer = Path(args.tokenizer)
-    if not tokenizer.is_file():
-        fallback = REPO / TOY_WEIGHTS / "tokenizer" / "spiece.model"
-        if not fallback.is_file():
-            print(f"error: `--tokenizer` {tokenizer} does not exist (rinna's google_sp.model)", file=sys.stderr)
-            return 2
-        tokenizer = fallback
+    tokenizer = find_tokenizer(Path(args.tokenizer), REPO)
+    if tokenizer is None:
+        print(f"error: `--tokenizer` {args.tokenizer} does not exist (rinna's google_sp.model)", file=sys.stderr)
+        return 2
+    if tokenizer != Path(args.tokenizer):
+        print(f"`--tokenizer` {args.tokenizer} does not exist: using the committed copy {tokenizer}", flush=True)
     start = time.perf_counter()
 
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
 
     work, dest = Path(args.work).resolve(), Path(args.dest).resolve()
+    tokenizer = stage_tokenizer(tokenizer, work)  # a committed copy lies in the --dest that the build replaces
     if not args.scorer_only:
         build(
             REPO,
@@ -86,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     (dest.parent / "scorer-log.json").write_text(json.dumps(log) + "\n", encoding="utf-8")
     progress(f"wrote the toy Japanese CLIP to {dest / 'japanese_clip'} and {dest.parent / 'scorer-log.json'}")
     return 0
+
+
+def find_tokenizer(given: Path, repo: Path) -> Path | None:
+    """``given`` if it exists, else a committed copy of rinna's sentencepiece model in ``repo``, else None.
+
+    The toy checkpoint's tokenizer is the first choice; the toy Japanese CLIP's (committed on its own) the
+    second, so a clone without ``../shared`` can still build the toy."""
+    candidates = (given, repo / TOY_WEIGHTS / "tokenizer" / "spiece.model")
+    candidates += (repo / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model",)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def stage_tokenizer(model: Path, work: Path) -> Path:
+    """A copy of the sentencepiece ``model`` (and the NOTICE beside it) in ``work``, which the build never replaces."""
+    folder = work / "rinna-tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (model, model.parent / "NOTICE.md"):
+        if path.is_file():
+            shutil.copyfile(path, folder / path.name)
+    return folder / model.name
 
 
 if __name__ == "__main__":

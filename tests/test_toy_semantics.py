@@ -47,9 +47,15 @@ def recorded(attribute: str, threshold: float):
     return reached(value is None or value >= threshold, f"{attribute} {value or 0:.0%} < {threshold:.0%}")
 
 
+def rose(earlier: float, later: float) -> bool:
+    """At least one more reading right on the build's prompts: the log rounds shares to 4 decimals, so a tie
+    can differ by 1e-4 (0.9583 vs 0.9584 in the sixth build) and must not count as a rise."""
+    return later - earlier > 0.5 / Plan().eval_prompts
+
+
 def stages_teach() -> bool:
     score = [e["color"] + e["shape"] + e["position"] for e in training_log().get("stage_adherence", [])]
-    return not score or all(later > earlier for earlier, later in itertools.pairwise(score))
+    return not score or all(rose(earlier, later) for earlier, later in itertools.pairwise(score))
 
 
 def full_build():
@@ -93,7 +99,7 @@ def test_each_stage_raised_adherence():
     names = [entry["name"] for entry in by_stage]
     assert names == ["start", *(stage[0] for stage in Plan().stages)]
     score = [entry["color"] + entry["shape"] + entry["position"] for entry in by_stage]
-    assert all(later > earlier for earlier, later in itertools.pairwise(score)), by_stage
+    assert all(rose(earlier, later) for earlier, later in itertools.pairwise(score)), by_stage
 
 
 @full_build()

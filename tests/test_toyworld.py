@@ -243,3 +243,52 @@ def test_the_toy_clip_build_says_what_it_is_and_carries_the_tokenizers_notice(tm
     assert (scorer / "tokenizer" / "NOTICE.md").read_bytes() == (tokenizer / "NOTICE.md").read_bytes()
     verify_manifest(scorer)  # the NOTICE is hashed with the rest
     JapaneseCLIPScorer.from_pretrained(scorer, device="cpu")
+
+
+def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_is_absent(tmp_path):
+    """A clone without ../shared builds the toy from the copy the committed toy CLIP carries."""
+    import importlib.util
+    from pathlib import Path
+
+    from jsd.toyworld import TOY_WEIGHTS
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_toy", repo / "scripts" / "train_toy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    missing = tmp_path / "shared" / "google_sp.model"
+    assert script.find_tokenizer(missing, tmp_path) is None  # nothing anywhere: the script says so and exits 2
+    clip_copy = tmp_path / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model"
+    clip_copy.parent.mkdir(parents=True)
+    clip_copy.write_bytes(b"piece model")
+    assert script.find_tokenizer(missing, tmp_path) == clip_copy
+    checkpoint_copy = tmp_path / TOY_WEIGHTS / "tokenizer" / "spiece.model"
+    checkpoint_copy.parent.mkdir(parents=True)
+    checkpoint_copy.write_bytes(b"piece model")
+    assert script.find_tokenizer(missing, tmp_path) == checkpoint_copy  # the checkpoint's own copy first
+    missing.parent.mkdir(parents=True)
+    missing.write_bytes(b"piece model")
+    assert script.find_tokenizer(missing, tmp_path) == missing  # the given file always wins
+    assert (repo / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model").is_file()  # committed: the fallback
+
+
+def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_replaces(tmp_path):
+    """The toy CLIP's committed copy lies in toy/weights, which publish() deletes before the CLIP is trained
+    (the checkpoint's own copy comes back with the new checkpoint; the CLIP's would not)."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_toy", repo / "scripts" / "train_toy.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    dest = tmp_path / "toy" / "weights" / "tokenizer"
+    dest.mkdir(parents=True)
+    (dest / "spiece.model").write_bytes(b"piece model")
+    (dest / "NOTICE.md").write_text("rinna, Apache-2.0", encoding="utf-8")
+    staged = script.stage_tokenizer(dest / "spiece.model", tmp_path / "work")
+    import shutil
+
+    shutil.rmtree(tmp_path / "toy")  # what publish() does to --dest
+    assert staged.read_bytes() == b"piece model" and staged.parent.is_relative_to(tmp_path / "work")
+    assert (staged.parent / "NOTICE.md").read_text(encoding="utf-8") == "rinna, Apache-2.0"  # it travels on
