@@ -19,6 +19,8 @@ from pathlib import Path
 try:
     import torch
 
+    from jsd.japanese_clip import SCORER_FOLDER, TOKENIZER_SUBFOLDER
+    from jsd.tokenizer import SPIECE_FILE
     from jsd.toyworld import TOY_WEIGHTS
     from jsd.toyworld.build import Plan, build
     from jsd.toyworld.clip import build_scorer
@@ -94,9 +96,9 @@ def find_tokenizer(given: Path, repo: Path) -> Path | None:
 
     The toy checkpoint's tokenizer is the first choice; the toy Japanese CLIP's (committed on its own) the
     second, so a clone without ``../shared`` can still build the toy."""
-    candidates = (given, repo / TOY_WEIGHTS / "tokenizer" / "spiece.model")
-    candidates += (repo / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model",)
-    return next((path for path in candidates if path.is_file()), None)
+    checkpoint_copy = repo / TOY_WEIGHTS / "tokenizer" / SPIECE_FILE  # the served layout's tokenizer/ folder
+    clip_copy = repo / TOY_WEIGHTS / SCORER_FOLDER / TOKENIZER_SUBFOLDER / SPIECE_FILE
+    return next((path for path in (given, checkpoint_copy, clip_copy) if path.is_file()), None)
 
 
 def stage_tokenizer(model: Path, work: Path) -> Path:

@@ -245,17 +245,27 @@ def test_the_toy_clip_build_says_what_it_is_and_carries_the_tokenizers_notice(tm
     JapaneseCLIPScorer.from_pretrained(scorer, device="cpu")
 
 
+def train_toy_script():
+    """scripts/train_toy.py as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_toy", Path(__file__).resolve().parents[1] / "scripts/train_toy.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_is_absent(tmp_path):
     """A clone without ../shared builds the toy from the copy the committed toy CLIP carries."""
-    import importlib.util
     from pathlib import Path
 
     from jsd.toyworld import TOY_WEIGHTS
 
     repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_toy", repo / "scripts" / "train_toy.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = train_toy_script()
     missing = tmp_path / "shared" / "google_sp.model"
     assert script.find_tokenizer(missing, tmp_path) is None  # nothing anywhere: the script says so and exits 2
     clip_copy = tmp_path / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model"
@@ -275,13 +285,7 @@ def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_
 def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_replaces(tmp_path):
     """The toy CLIP's committed copy lies in toy/weights, which publish() deletes before the CLIP is trained
     (the checkpoint's own copy comes back with the new checkpoint; the CLIP's would not)."""
-    import importlib.util
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_toy", repo / "scripts" / "train_toy.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = train_toy_script()
     dest = tmp_path / "toy" / "weights" / "tokenizer"
     dest.mkdir(parents=True)
     (dest / "spiece.model").write_bytes(b"piece model")
