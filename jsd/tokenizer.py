@@ -26,6 +26,7 @@ from transformers import BatchEncoding
 SPIECE_FILE = "spiece.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+NOTICE_FILE = "NOTICE.md"  # beside rinna's spiece.model in ../shared: its Apache-2.0 notice
 DEFAULT_MAX_LENGTH = 77
 _MAX_SANE_LENGTH = 100_000  # rinna-era configs sometimes say 1e30, meaning "no limit"
 
@@ -248,6 +249,16 @@ def _sane_max_length(value) -> int:
     if value is None or not isinstance(value, (int, float)) or not 1 < value < _MAX_SANE_LENGTH:
         return DEFAULT_MAX_LENGTH
     return int(value)
+
+
+def copy_notice(tokenizer_model: Path, folder: Path) -> None:
+    """Copy the :data:`NOTICE_FILE` beside the sentencepiece ``tokenizer_model`` into ``folder``, if there is one.
+
+    rinna's tokenizer is Apache-2.0: every copy of it that jsd writes (the toy checkpoint, the toy CLIP, a build's
+    work folder) travels with its notice."""
+    notice = Path(tokenizer_model).parent / NOTICE_FILE
+    if notice.is_file():
+        shutil.copyfile(notice, Path(folder) / NOTICE_FILE)
 
 
 def _read_json(path: Path) -> dict:

@@ -20,7 +20,7 @@ try:
     import torch
 
     from jsd.japanese_clip import SCORER_FOLDER, TOKENIZER_SUBFOLDER
-    from jsd.tokenizer import SPIECE_FILE
+    from jsd.tokenizer import SPIECE_FILE, copy_notice
     from jsd.toyworld import TOY_WEIGHTS
     from jsd.toyworld.build import Plan, build
     from jsd.toyworld.clip import build_scorer
@@ -105,9 +105,8 @@ def stage_tokenizer(model: Path, work: Path) -> Path:
     """A copy of the sentencepiece ``model`` (and the NOTICE beside it) in ``work``, which the build never replaces."""
     folder = work / "rinna-tokenizer"
     folder.mkdir(parents=True, exist_ok=True)
-    for path in (model, model.parent / "NOTICE.md"):
-        if path.is_file():
-            shutil.copyfile(path, folder / path.name)
+    shutil.copyfile(model, folder / model.name)
+    copy_notice(model, folder)
     return folder / model.name
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from repofiles import load_repo_module
 
 from jsd.serving import ImageGenerator, load_pipeline
 from jsd.toyworld import TOY_DIR, TOY_WEIGHTS, judge, world
@@ -160,11 +161,7 @@ def test_the_committed_checkpoint_is_small_verified_and_carries_rinnas_tokenizer
 
 
 def test_download_weights_toy_copies_it_and_verify_only_refuses_it_as_the_model(tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("download_weights", REPO / "scripts" / "download_weights.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_repo_module("scripts/download_weights.py")
     dest = tmp_path / "weights"
     assert script.main(["--toy", "--dest", str(dest)]) == 0
     assert "toy model of shapes" in capsys.readouterr().out

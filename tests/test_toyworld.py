@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import pytest
+from repofiles import load_repo_module
 
 from jsd.toyworld import judge, world
 from jsd.training.data import ImageFolderSource, RecordStream, TarShardSource
@@ -245,19 +246,6 @@ def test_the_toy_clip_build_says_what_it_is_and_carries_the_tokenizers_notice(tm
     JapaneseCLIPScorer.from_pretrained(scorer, device="cpu")
 
 
-def train_toy_script():
-    """scripts/train_toy.py as a module (scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "train_toy", Path(__file__).resolve().parents[1] / "scripts/train_toy.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_is_absent(tmp_path):
     """A clone without ../shared builds the toy from the copy the committed toy CLIP carries."""
     from pathlib import Path
@@ -265,7 +253,7 @@ def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_
     from jsd.toyworld import TOY_WEIGHTS
 
     repo = Path(__file__).resolve().parents[1]
-    script = train_toy_script()
+    script = load_repo_module("scripts/train_toy.py")
     missing = tmp_path / "shared" / "google_sp.model"
     assert script.find_tokenizer(missing, tmp_path) is None  # nothing anywhere: the script says so and exits 2
     clip_copy = tmp_path / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model"
@@ -285,7 +273,7 @@ def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_
 def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_replaces(tmp_path):
     """The toy CLIP's committed copy lies in toy/weights, which publish() deletes before the CLIP is trained
     (the checkpoint's own copy comes back with the new checkpoint; the CLIP's would not)."""
-    script = train_toy_script()
+    script = load_repo_module("scripts/train_toy.py")
     dest = tmp_path / "toy" / "weights" / "tokenizer"
     dest.mkdir(parents=True)
     (dest / "spiece.model").write_bytes(b"piece model")
@@ -296,3 +284,30 @@ def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_rep
     shutil.rmtree(tmp_path / "toy")  # what publish() does to --dest
     assert staged.read_bytes() == b"piece model" and staged.parent.is_relative_to(tmp_path / "work")
     assert (staged.parent / "NOTICE.md").read_text(encoding="utf-8") == "rinna, Apache-2.0"  # it travels on
+
+
+def test_publish_replaces_the_toy_weights_with_the_tokenizers_notice_and_a_toy_manifest(tmp_path):
+    """What `scripts/train_toy.py` leaves in toy/weights: the last stage's folder, rinna's NOTICE beside its
+    tokenizer (Apache-2.0), a manifest that says it is the toy model, nothing of the previous build."""
+    from jsd.manifest import verify_manifest
+    from jsd.toyworld import TOY_SOURCE_PREFIX
+    from jsd.toyworld.build import Plan, publish
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "spiece.model").write_bytes(b"piece model")
+    (shared / "NOTICE.md").write_text("rinna, Apache-2.0", encoding="utf-8")
+    trained = tmp_path / "work" / "stage2"
+    (trained / "tokenizer").mkdir(parents=True)
+    (trained / "tokenizer" / "spiece.model").write_bytes(b"piece model")
+    (trained / "unet").mkdir()
+    (trained / "unet" / "config.json").write_text("{}", encoding="utf-8")
+    dest = tmp_path / "toy" / "weights"
+    (dest / "old").mkdir(parents=True)
+    publish(trained, dest, shared / "spiece.model", Plan())
+    assert (dest / "tokenizer" / "NOTICE.md").read_text(encoding="utf-8") == "rinna, Apache-2.0"
+    assert not (dest / "old").exists() and sorted(p.name for p in dest.parent.iterdir()) == ["weights"]
+    manifest = verify_manifest(dest)
+    assert manifest["source"].startswith(TOY_SOURCE_PREFIX) and "not rinna's" in manifest["source"]
+    assert "tokenizer/NOTICE.md" in manifest["files"]
+    assert not (trained / "tokenizer" / "NOTICE.md").exists()  # the stage's own output is left as it was

@@ -41,7 +41,7 @@ from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel
 from jsd.manifest import write_manifest
 from jsd.pipelines import JapaneseStableDiffusionPipeline
 from jsd.tiny import safety_checker_config, sd_v1_scheduler, set_nsfw_flagging
-from jsd.tokenizer import JapaneseTokenizer
+from jsd.tokenizer import JapaneseTokenizer, copy_notice
 from jsd.toyworld import TOY_SOURCE_PREFIX
 from jsd.toyworld.measure import adherence, sample_scenes, vae_round_trip
 from jsd.toyworld.world import examples, held_out_scenes, write_image_folder, write_shards
@@ -362,9 +362,7 @@ def publish(trained: Path, dest: Path, tokenizer_model: Path, plan: Plan) -> Non
     staging = dest.parent / f".{dest.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(trained, staging)
-    notice = tokenizer_model.parent / "NOTICE.md"
-    if notice.is_file():
-        shutil.copyfile(notice, staging / "tokenizer" / "NOTICE.md")
+    copy_notice(tokenizer_model, staging / "tokenizer")
     write_manifest(
         staging,
         source=f"{TOY_SOURCE_PREFIX}: a toy model of shapes trained by scripts/train_toy.py, not rinna's",

@@ -30,7 +30,7 @@ from jsd.japanese_clip import (
 )
 from jsd.manifest import write_manifest
 from jsd.tiny import scorer_config
-from jsd.tokenizer import JapaneseTokenizer
+from jsd.tokenizer import JapaneseTokenizer, copy_notice
 from jsd.toyworld import TOY_SOURCE_PREFIX
 from jsd.toyworld.world import NEW_COLORS, Scene, all_scenes, corrupted, examples
 
@@ -103,9 +103,7 @@ def save_hub_layout(model: DualEncoder, config: dict, tokenizer_model: Path, fol
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer_dir = folder / TOKENIZER_SUBFOLDER
     JapaneseTokenizer(tokenizer_model).save_pretrained(tokenizer_dir)
-    notice = tokenizer_model.parent / "NOTICE.md"
-    if notice.is_file():
-        shutil.copyfile(notice, tokenizer_dir / "NOTICE.md")
+    copy_notice(tokenizer_model, tokenizer_dir)
     return folder
 
 
@@ -134,9 +132,7 @@ def build_scorer(
     progress(f"scorer: {' '.join(command[1:])}")
     subprocess.run(command, check=True, cwd=repo)
     scorer = dest / SCORER_FOLDER
-    notice = tokenizer_model.parent / "NOTICE.md"
-    if notice.is_file():  # rinna's tokenizer (Apache-2.0) travels with its notice
-        shutil.copyfile(notice, scorer / TOKENIZER_SUBFOLDER / "NOTICE.md")
+    copy_notice(tokenizer_model, scorer / TOKENIZER_SUBFOLDER)  # the converter copies the model, not its notice
     # the converter recorded this machine's work folder as the source: say what it is instead
     write_manifest(scorer, source=f"{TOY_SOURCE_PREFIX}: the toy Japanese CLIP of scripts/train_toy.py, not rinna's",
                    revision=f"toy-clip-seed{seed}")  # fmt: skip
