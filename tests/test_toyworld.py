@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
-from repofiles import load_repo_module
+from repofiles import REPO, load_repo_module
 
 from jsd.toyworld import judge, world
 from jsd.training.data import ImageFolderSource, RecordStream, TarShardSource
@@ -248,11 +249,8 @@ def test_the_toy_clip_build_says_what_it_is_and_carries_the_tokenizers_notice(tm
 
 def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_is_absent(tmp_path):
     """A clone without ../shared builds the toy from the copy the committed toy CLIP carries."""
-    from pathlib import Path
-
     from jsd.toyworld import TOY_WEIGHTS
 
-    repo = Path(__file__).resolve().parents[1]
     script = load_repo_module("scripts/train_toy.py")
     missing = tmp_path / "shared" / "google_sp.model"
     assert script.find_tokenizer(missing, tmp_path) is None  # nothing anywhere: the script says so and exits 2
@@ -267,7 +265,7 @@ def test_the_toy_build_finds_rinnas_tokenizer_in_the_committed_clip_when_shared_
     missing.parent.mkdir(parents=True)
     missing.write_bytes(b"piece model")
     assert script.find_tokenizer(missing, tmp_path) == missing  # the given file always wins
-    assert (repo / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model").is_file()  # committed: the fallback
+    assert (REPO / TOY_WEIGHTS / "japanese_clip" / "tokenizer" / "spiece.model").is_file()  # committed: the fallback
 
 
 def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_replaces(tmp_path):
@@ -279,8 +277,6 @@ def test_the_toy_build_reads_the_tokenizer_from_a_copy_outside_the_folder_it_rep
     (dest / "spiece.model").write_bytes(b"piece model")
     (dest / "NOTICE.md").write_text("rinna, Apache-2.0", encoding="utf-8")
     staged = script.stage_tokenizer(dest / "spiece.model", tmp_path / "work")
-    import shutil
-
     shutil.rmtree(tmp_path / "toy")  # what publish() does to --dest
     assert staged.read_bytes() == b"piece model" and staged.parent.is_relative_to(tmp_path / "work")
     assert (staged.parent / "NOTICE.md").read_text(encoding="utf-8") == "rinna, Apache-2.0"  # it travels on
