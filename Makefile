@@ -52,7 +52,7 @@ playground: venv
 # The playground in headless Debian Chromium (installed here when missing; never a browser download).
 playground-test: venv
 	@dpkg -s chromium fonts-ipafont-gothic >/dev/null 2>&1 || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-ipafont-gothic)
+		scripts/apt_install.sh chromium fonts-ipafont-gothic
 	$(PY) -m pytest tests/playground -m browser -q
 
 lint: venv

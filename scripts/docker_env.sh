@@ -10,6 +10,8 @@
 # JSD_DOCKER_STORAGE_DRIVER (for a dockerd started here, default vfs).
 
 started_dockerd=""
+# This folder, absolute: the sourcing script may change directory later.
+scripts_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { printf '==> %s\n' "$*" >&2; }
 fail() {
@@ -55,7 +57,7 @@ choose_docker() {
     return 1
 }
 
-# Debian packages for the commands named, when missing (needs root: apt-get).
+# Debian packages for the commands named, when missing (needs root: scripts/apt_install.sh).
 install_missing() {
     local packages=()
     for cmd in "$@"; do
@@ -66,8 +68,7 @@ install_missing() {
     [ ${#packages[@]} -gt 0 ] || return 0
     [ "$(id -u)" = 0 ] || fail "${packages[*]} missing, and installing them needs root: apt-get install ${packages[*]}"
     log "installing ${packages[*]} (apt-get)"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"; } \
-        > "$cache/apt.log" 2>&1; then
+    if ! "$scripts_dir/apt_install.sh" "${packages[@]}" > "$cache/apt.log" 2>&1; then
         show_log "$cache/apt.log"
         fail "apt-get install ${packages[*]} failed (log: $cache/apt.log)"
     fi

@@ -19,7 +19,7 @@ from repofiles import REPO
 SCRIPT = REPO / "scripts" / "container_test.sh"
 BASH = shutil.which("bash")
 # Commands the script may not find on the host: the tests give their own (stubs) or none at all.
-HIDDEN = {"docker", "dockerd", "apt-get", "id"}
+HIDDEN = {"docker", "dockerd", "apt-get", "dpkg", "id"}
 
 # A stub client: answers --version and `buildx version` as the real ones do, `info` while a daemon "runs"
 # (the file named by $STUB_DAEMON exists), logs every call to $STUB_CALLS, and fails anything else.
@@ -47,7 +47,7 @@ def client(folder: Path, version: str, buildx: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def system_bin(tmp_path_factory) -> Path:
-    """The host's /usr/bin and /usr/sbin, less any docker, dockerd, apt-get and id."""
+    """The host's /usr/bin and /usr/sbin, less any docker, dockerd, apt-get, dpkg and id."""
     folder = tmp_path_factory.mktemp("system-bin")
     for source in (Path("/usr/sbin"), Path("/usr/bin"), Path("/sbin"), Path("/bin")):
         if not source.is_dir():
@@ -123,6 +123,7 @@ def test_on_a_bare_machine_the_client_is_chosen_after_docker_io_is_installed(tmp
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     (stubs / "id").write_text("#!/bin/sh\necho 0\n")
+    (stubs / "dpkg").write_text("#!/bin/sh\nexit 0\n")
     engine_client = CLIENT.format(version="20.10.24+dfsg1", buildx=WITHOUT_BUILDX)
     dockerd = '#!/bin/sh\ntouch "$STUB_DAEMON"\nexec sleep 60\n'
     (stubs / "apt-get").write_text(
@@ -148,3 +149,55 @@ def test_on_a_bare_machine_the_client_is_chosen_after_docker_io_is_installed(tmp
     # so the script stops there) goes through the engine's client; Docker 28 is only ever asked what it is.
     assert [str(engine), "ps"] in calls, calls
     assert {command for path, command in calls if path == str(docker28)} <= {"--version", "buildx", "info"}, calls
+
+
+APT_INSTALL = REPO / "scripts" / "apt_install.sh"
+# dpkg and apt-get as they behave after an install was killed half-way: apt-get refuses while the marker file
+# ($STUB_INTERRUPTED, dpkg's pending updates) is there; `dpkg --configure -a` clears it. Both log their calls.
+STUB_DPKG = """#!/bin/sh
+echo "dpkg $*" >> "$STUB_CALLS"
+[ "$*" = "--configure -a" ] && rm -f "$STUB_INTERRUPTED"
+exit 0
+"""
+STUB_APT_GET = """#!/bin/sh
+if [ -f "$STUB_INTERRUPTED" ]; then
+    echo "E: dpkg was interrupted, you must manually run 'dpkg --configure -a' to correct the problem." >&2
+    exit 100
+fi
+echo "apt-get $*" >> "$STUB_CALLS"
+"""
+
+
+def apt_install(tmp_path: Path, system_bin: Path, uid: int, *packages: str) -> subprocess.CompletedProcess:
+    """scripts/apt_install.sh with stub id (uid), dpkg and apt-get, on a machine whose last install was cut off."""
+    stubs = tmp_path / "apt-stubs"
+    stubs.mkdir()
+    for name, text in {"id": f"#!/bin/sh\necho {uid}\n", "dpkg": STUB_DPKG, "apt-get": STUB_APT_GET}.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    (tmp_path / "interrupted").touch()
+    environment = {
+        "PATH": os.pathsep.join([str(stubs), str(system_bin)]),
+        "STUB_CALLS": str(tmp_path / "calls.log"),
+        "STUB_INTERRUPTED": str(tmp_path / "interrupted"),
+    }
+    return subprocess.run([BASH, str(APT_INSTALL), *packages], env=environment, capture_output=True, text=True)
+
+
+def test_an_install_cut_off_earlier_is_finished_before_the_packages_are_installed(tmp_path, system_bin):
+    """A CI machine whose previous job was killed mid-`apt-get install` still installs Chromium (it used to stop
+    with "dpkg was interrupted")."""
+    result = apt_install(tmp_path, system_bin, 0, "chromium", "fonts-ipafont-gothic")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "calls.log").read_text().splitlines() == [
+        "dpkg --configure -a",
+        "apt-get update -q",
+        "apt-get install -y -q chromium fonts-ipafont-gothic",
+    ]
+
+
+def test_installing_without_root_names_the_packages_and_runs_nothing(tmp_path, system_bin):
+    result = apt_install(tmp_path, system_bin, 1000, "chromium", "fonts-ipafont-gothic")
+    assert result.returncode == 1
+    assert "chromium fonts-ipafont-gothic" in result.stderr and "root" in result.stderr, result.stderr
+    assert not (tmp_path / "calls.log").exists()
