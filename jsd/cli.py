@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from jsd.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -217,6 +219,25 @@ def _process_state(device: str | None):
     return PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
+@contextlib.contextmanager
+def _shared_work(device: str | None) -> Iterator:
+    """The processes' state for the work they share; their process group is closed when the work is done.
+
+    A process that exits with gloo's process group still open can abort in its C++ threads ("terminate called
+    without an active exception", SIGABRT: pytorch/pytorch#190489), which fails the whole ``accelerate launch``
+    after the work is done. So: all processes meet, then each closes the group (as ``Accelerator.end_training``
+    does for the trainer). On an error there is no meeting (the others may never get there), only the closing.
+    """
+    state = _process_state(device)
+    try:
+        yield state
+    except BaseException:
+        state.destroy_process_group()
+        raise
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
 def _scorer_folder(args: argparse.Namespace) -> tuple[Path, str]:
     from jsd.japanese_clip import SCORER_FOLDER, scorer_folder
 
@@ -237,18 +258,18 @@ def cmd_filter_data(args: argparse.Namespace) -> None:
             raise clip_filter.FilterError(f"`--batch_size`={args.batch_size} must be a positive integer.")
         clip_filter.list_pairs(args.data_dir, caption_column=args.caption_column)  # no captions: fail before loading
         folder, name = _scorer_folder(args)
-        state = _process_state(args.device)
-        scorer = clip_filter.load_scorer(folder, name=name, device=args.device or state.device)
-        result = clip_filter.filter_folder(
-            args.data_dir,
-            scorer,
-            threshold,
-            cache_dir=cache_dir,
-            scorer_id=clip_filter.scorer_fingerprint(folder),
-            caption_column=args.caption_column,
-            state=state,
-            batch_size=args.batch_size,
-        )
+        with _shared_work(args.device) as state:
+            scorer = clip_filter.load_scorer(folder, name=name, device=args.device or state.device)
+            result = clip_filter.filter_folder(
+                args.data_dir,
+                scorer,
+                threshold,
+                cache_dir=cache_dir,
+                scorer_id=clip_filter.scorer_fingerprint(folder),
+                caption_column=args.caption_column,
+                state=state,
+                batch_size=args.batch_size,
+            )
     except clip_filter.FilterError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:  # every batch scored is already in the cache (appended and fsynced)
@@ -304,22 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             _check_lora(lora, flag)
         scorer_folder, scorer_flag = _scorer_folder(args)
         # 2. the scorer, then each side: generate this process's share of the prompts, score, gather
-        state = _process_state(args.device)
-        device = args.device or state.device
-        scorer = clip_filter.load_scorer(scorer_folder, name=scorer_flag, device=device)
-        arms, generator, loaded = [], None, None
-        for weights, lora, flag, fast in sides:
-            if weights != loaded:  # another checkpoint: the previous one is released first
-                generator = None
-                generator = _fast_generator(weights, device)
-                generator.pipeline.set_progress_bar_config(disable=True)
-                loaded = weights
-            generator.set_default_lora(lora, name=flag)  # fetched and test-loaded now: a bad LoRA fails here
-            generator.fast_lora(fast)  # installed in these weights, or refused naming fast_mode before generating
-            label = _label(weights, lora, args.lora_scale, fast)
-            arm = evaluation.Arm(label, generator, lora_scale=args.lora_scale, fast_mode=fast)
-            rows = evaluation.evaluate_arm(arm, scorer, prompts, settings, state=state)
-            arms.append(evaluation.ArmResult(arm.label, rows))
+        with _shared_work(args.device) as state:
+            arms = _evaluate_sides(sides, prompts, settings, args, scorer_folder, scorer_flag, state)
     except (evaluation.EvaluationError, clip_filter.FilterError, serving.InputError) as err:
         raise CLIError(str(err)) from None
     except ValueError as err:  # --font
@@ -338,6 +345,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print("No Japanese font found (fc-list :lang=ja): the contact sheet numbers the prompts (see report.md).")
         for path in paths.values():
             print(f"wrote {path}")
+
+
+def _evaluate_sides(sides, prompts, settings, args, scorer_folder, scorer_flag, state) -> list:
+    """Each side's rows: the scorer, then per side this process's share of the prompts, generated, scored, gathered."""
+    from jsd import clip_filter, evaluation
+
+    device = args.device or state.device
+    scorer = clip_filter.load_scorer(scorer_folder, name=scorer_flag, device=device)
+    arms, generator, loaded = [], None, None
+    for weights, lora, flag, fast in sides:
+        if weights != loaded:  # another checkpoint: the previous one is released first
+            generator = None
+            generator = _fast_generator(weights, device)
+            generator.pipeline.set_progress_bar_config(disable=True)
+            loaded = weights
+        generator.set_default_lora(lora, name=flag)  # fetched and test-loaded now: a bad LoRA fails here
+        generator.fast_lora(fast)  # installed in these weights, or refused naming fast_mode before generating
+        label = _label(weights, lora, args.lora_scale, fast)
+        arm = evaluation.Arm(label, generator, lora_scale=args.lora_scale, fast_mode=fast)
+        rows = evaluation.evaluate_arm(arm, scorer, prompts, settings, state=state)
+        arms.append(evaluation.ArmResult(arm.label, rows))
+    return arms
 
 
 def _checkpoint_folder(value: str | Path, flag: str) -> Path:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import accelerate_launch, assert_every_process_closed_its_group, child_env
 from repofiles import REPO
 
-from jsd import clip_filter
+from jsd import cli, clip_filter
 from jsd.cli import main
 from jsd.drawing import ACCENT
 from jsd.japanese_clip import SCORER_FOLDER, JapaneseCLIPScorer
@@ -360,21 +358,49 @@ def test_a_missing_or_damaged_scorer_is_named_and_the_cache_survives(tmp_path, s
 
 
 # ------------------------------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class RecordingState:
+    """One process's accelerate state that records when the processes meet and when the group is closed."""
+
+    process_index, num_processes, is_main_process, is_local_main_process, device = 0, 1, True, True, "cpu"
+
+    def __init__(self):
+        self.calls = []
+
+    def wait_for_everyone(self):
+        self.calls.append("meet")
+
+    def destroy_process_group(self, group=None):
+        self.calls.append("close")
 
 
-def accelerate_launch(*args: str, processes: int = 2) -> list[str]:
-    """accelerate's 2-process CPU command (docs/fine-tuning.md), on a free port (other runs may hold the default)."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launch, "--main_process_port", str(free_port()), "-m", "jsd", *args]
+def test_the_process_group_is_closed_after_the_work_and_after_an_error(tmp_path, scorer_folder, monkeypatch):
+    # a group left open can abort a launched process at exit, failing a run whose lists are written
+    data = data_folder(tmp_path / "data")
+    state = RecordingState()
+    monkeypatch.setattr(cli, "_process_state", lambda device: state)
+    main(
+        [
+            "filter-data",
+            str(data),
+            "--min_clip_score",
+            "20",
+            "--scorer",
+            str(scorer_folder),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert state.calls == ["meet", "close"] and (tmp_path / "out" / "kept.jsonl").is_file()
 
+    state.calls.clear()  # an error: no meeting (the others may never come), the group closed all the same
 
-def child_env() -> dict[str, str]:
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    def unloadable(folder, **kwargs):
+        raise clip_filter.FilterError(f"`--scorer` {folder}: the Japanese CLIP scorer cannot be loaded")
+
+    monkeypatch.setattr(clip_filter, "load_scorer", unloadable)
+    with pytest.raises(SystemExit):
+        main(["filter-data", str(data), "--min_clip_score", "20", "--scorer", str(scorer_folder)])
+    assert state.calls == ["close"]
 
 
 @pytest.mark.slow
@@ -387,6 +413,7 @@ def test_two_processes_give_the_lists_of_one(tmp_path, scorer_folder):
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_process_closed_its_group(done.stderr)
     assert done.stdout.count("kept,") == 1  # one report, from the main process
     for name in ("kept.jsonl", "dropped.jsonl"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from processes import assert_every_process_closed_its_group
 from repofiles import load_repo_module
 from safetensors.torch import load_file
 from test_train import child_env, image_folder, tar_shards
@@ -321,6 +322,7 @@ def test_two_processes_distill_from_shards(tmp_path, tiny_checkpoint):
     result = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU with 2 processes" in result.stderr
+    assert_every_process_closed_its_group(result.stderr)
     assert {p.name for p in (tmp_path / "out-run" / "checkpoint-2").glob("training_state_*.pt")} == {
         "training_state_0.pt",
         "training_state_1.pt",

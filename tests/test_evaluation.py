@@ -16,8 +16,8 @@ import pytest
 import scipy.stats
 import torch
 from PIL import Image
+from processes import accelerate_launch, assert_every_process_closed_its_group, child_env
 from repofiles import REPO
-from test_clip_filter import accelerate_launch, child_env
 
 from jsd import evaluation
 from jsd.cli import main
@@ -326,6 +326,7 @@ def test_two_processes_give_the_numbers_of_one(base_report, weights, prompts_fil
         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_process_closed_its_group(done.stderr)
     two = json.loads((tmp_path / "two" / "report.json").read_text(encoding="utf-8"))
     assert two == one
     for index in range(1, len(PROMPTS) + 1):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
+from processes import assert_every_process_closed_its_group, with_exit_check
 from repofiles import REPO, load_repo_module
 from safetensors.torch import load_file
 
@@ -130,7 +131,8 @@ def run_in_process(tmp_path: Path, checkpoint: Path, *args: str) -> Path:
 
 
 def child_env() -> dict[str, str]:
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    quiet = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return with_exit_check(os.environ | quiet)
 
 
 def train_cli(*args: str) -> list[str]:
@@ -543,6 +545,7 @@ def test_two_processes_with_torchrun(tmp_path, tiny_checkpoint):
     result = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MULTI_CPU with 2 processes" in result.stderr
+    assert_every_process_closed_its_group(result.stderr)
     checkpoints = sorted(p.name for p in (tmp_path / "out-run").iterdir() if p.name.startswith("checkpoint"))
     assert checkpoints == ["checkpoint-2"]  # --checkpoints_total_limit 1 pruned checkpoint-1
     assert {p.name for p in (tmp_path / "out-run" / "checkpoint-2").glob("training_state_*.pt")} == {
