@@ -1,4 +1,6 @@
-"""Train the toy checkpoint from scratch with jsd's own recipe (docs/toy-world.md); about 30 minutes on 2 cores.
+"""Train the toy checkpoint from scratch with jsd's own recipe (docs/toy-world.md); over an hour on 2 cores.
+
+Run again, it goes on where it stopped (the finished steps are in WORK/progress.json).
 
     .venv/bin/python scripts/train_toy.py                 # → toy/weights/ and toy/training-log.json
     .venv/bin/python scripts/train_toy.py --work /tmp/toy --dest /tmp/toy/weights   # elsewhere

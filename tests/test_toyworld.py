@@ -179,6 +179,14 @@ def test_each_stage_command_is_one_train_py_accepts_with_the_plans_settings(tmp_
             lr,
         )
         assert settings.resolution == 128 and settings.stage == 2
+        assert (
+            settings.checkpointing_steps == min(steps, plan.checkpointing_steps)
+            and settings.checkpoints_total_limit == 1
+        )
+        assert settings.resume_from_checkpoint is None
+        resumed = stage_command(repo, name, config, steps, lr, extra, start=tmp_path / "start", data=data, resume=True,
+                                out=tmp_path / name, plan=plan, train_script=repo / "scripts" / "train.py")  # fmt: skip
+        assert parse_config(resumed[2:]).resume_from_checkpoint == "latest"
 
 
 def test_the_vae_weighs_the_shape_and_a_margin_around_it_over_the_background():
@@ -307,3 +315,146 @@ def test_publish_replaces_the_toy_weights_with_the_tokenizers_notice_and_a_toy_m
     assert manifest["source"].startswith(TOY_SOURCE_PREFIX) and "not rinna's" in manifest["source"]
     assert "tokenizer/NOTICE.md" in manifest["files"]
     assert not (trained / "tokenizer" / "NOTICE.md").exists()  # the stage's own output is left as it was
+
+
+# ------------------------------------------------------------------------------------------ the build's recipe
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_the_toy_schedule_is_sds_twice_as_noisy_and_every_served_sampler_starts_from_pure_noise():
+    """With SD's schedule a big shape is still visible at the last timestep, and from pure noise the UNet drew blobs
+    wherever the noise leaned (docs/toy-world.md). The toy's scheduler config carries the schedule itself, so
+    train.py's DDPM and each sampler a user can pick (some have no `rescale_betas_zero_snr`) use the same one."""
+    from diffusers import DDPMScheduler
+
+    from jsd.schedulers import SCHEDULERS, make_scheduler
+    from jsd.toyworld.build import Plan, toy_scheduler
+
+    config = toy_scheduler(Plan()).config
+    training = DDPMScheduler.from_config(config)  # as jsd.training.models builds train.py's noise
+    assert training.config.prediction_type == "v_prediction" and float(training.alphas_cumprod[-1]) < 1e-7
+    sd = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    snr = lambda alpha_bar: alpha_bar / (1 - alpha_bar)  # noqa: E731
+    assert 3.5 < float(snr(sd[300]) / snr(training.alphas_cumprod[300])) < 4.5  # SNR ÷ 4 where it is not rescaled
+    for name in SCHEDULERS:
+        sampler = make_scheduler(name, config)
+        sampler.set_timesteps(4)
+        assert int(sampler.timesteps[0]) >= 998, name  # trailing: the first step is the last training timestep
+        assert float(sampler.alphas_cumprod[-1]) < 1e-7, name
+
+
+def test_the_toy_schedule_samples_finite_latents_with_every_served_sampler(tiny_checkpoint):
+    """The last alpha-bar is tiny, not 0: at 0 the sigma-based samplers (Euler, LMS, Heun) start from infinity."""
+    import torch
+
+    from jsd.schedulers import SCHEDULERS, make_scheduler, scheduler_call_kwargs
+    from jsd.serving import load_pipeline
+    from jsd.toyworld.build import Plan, toy_scheduler
+
+    pipe = load_pipeline(tiny_checkpoint, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    config = toy_scheduler(Plan()).config
+    for name in SCHEDULERS:
+        pipe.scheduler = make_scheduler(name, config)
+        latents = pipe(
+            "赤い丸", num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0),
+            **scheduler_call_kwargs(name),
+        ).images  # fmt: skip
+        assert torch.isfinite(latents).all() and float(latents.abs().max()) < 100, name
+
+
+def test_the_served_vae_downsamples_by_8_and_learns_the_teachers_averaged_latents(tmp_path):
+    """The 8× VAE is distilled from the 4× one: its latents are the teacher's averaged over 2×2 (the UNet learnt
+    where to put the shapes on those, not on an 8× VAE trained directly: docs/toy-world.md)."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from jsd.toyworld.build import Plan, distill_vae8, nearly_deterministic, train_vae, vae8_config
+
+    folder = world.write_image_folder(tmp_path / "data", list(world.examples(16, seed=0)))
+    plan = Plan(vae_steps=4, vae_batch_size=4, vae8_steps=30)
+    teacher = train_vae(folder, plan, [], progress=quiet)
+    log = []
+    student = distill_vae8(folder, teacher, plan, log, progress=quiet)
+    torch.manual_seed(plan.seed)
+    untrained = nearly_deterministic(AutoencoderKL(**vae8_config()))
+    pictures = torch.stack([torch.from_numpy(np.array(e.image)) for e in world.examples(8, seed=3)])
+    pictures = pictures.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        target = torch.nn.functional.avg_pool2d(teacher.encode(pictures).latent_dist.mean, 2)
+        learnt = student.encode(pictures).latent_dist.mean
+        start = untrained.encode(pictures).latent_dist.mean
+    assert tuple(learnt.shape[-2:]) == (16, 16)  # 128 px pictures: the UNet's 16×16 down to 2×2
+    error = lambda latents: float(((latents - target) ** 2).mean() / target.var())  # noqa: E731
+    assert error(learnt) < 0.5 * error(start)
+    assert [e["stage"] for e in log] == ["vae8"] * 30 and np.mean([e["loss"] for e in log[-5:]]) < log[0]["loss"]
+    with torch.no_grad():  # unit-variance latents, as SD v1's scaling_factor gives
+        spread = float((student.encode(pictures).latent_dist.mean * student.config.scaling_factor).std())
+    assert 0.6 < spread < 1.6
+
+
+def test_a_build_stopped_after_its_vaes_goes_on_without_training_them_again(tmp_path, monkeypatch):
+    """Nothing finished is trained twice: a rerun with the same plan loads the VAEs; another plan starts over."""
+    from jsd.toyworld import build as toy_build
+
+    plan = toy_build.Plan(num_images=8, vae_steps=2, vae_batch_size=2, vae8_steps=2)
+    work, dest, tokenizer = tmp_path / "work", tmp_path / "weights", tmp_path / "unused.model"
+    first = toy_build.build(REPO, work, dest, tokenizer, plan, stop_after="vae8", progress=quiet)
+    assert [e["stage"] for e in first["steps"]] == ["vae", "vae", "vae8", "vae8"]
+    assert set(first["vae_round_trip"]) == {"vae", "vae8"} and (work / "vae8" / "config.json").is_file()
+
+    trained = []
+    real_train, real_distill = toy_build.train_vae, toy_build.distill_vae8
+    monkeypatch.setattr(toy_build, "train_vae", lambda *a, **k: trained.append("vae") or real_train(*a, **k))
+    monkeypatch.setattr(toy_build, "distill_vae8", lambda *a, **k: trained.append("vae8") or real_distill(*a, **k))
+    messages = []
+    again = toy_build.build(REPO, work, dest, tokenizer, plan, stop_after="vae8", progress=messages.append)
+    assert trained == [] and again["steps"] == first["steps"]
+    assert any("vae8: finished earlier" in m for m in messages), messages
+
+    other = toy_build.Plan(num_images=8, vae_steps=2, vae_batch_size=2, vae8_steps=3)
+    toy_build.build(REPO, work, dest, tokenizer, other, stop_after="vae8", progress=quiet)
+    assert trained == ["vae", "vae8"]
+
+
+FAKE_TRAIN = """
+import pathlib, sys, time
+args = sys.argv[1:]
+out = pathlib.Path(args[args.index("--output_dir") + 1])
+run = out.with_name(out.name + "-run")
+with (out.parent / "calls.txt").open("a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if not (run / "checkpoint-3").exists():  # the first run is cut off after its first checkpoint
+    (run / "checkpoint-3").mkdir(parents=True)
+    time.sleep(0.3)
+    sys.exit(1)
+out.mkdir()
+"""
+
+
+def test_a_stage_cut_off_goes_on_from_its_last_checkpoint_and_counts_its_time(tmp_path):
+    """A stage of an hour-long build that is cut off resumes (train.py --resume_from_checkpoint latest)."""
+    import subprocess
+
+    from jsd.toyworld.build import Plan, Progress, _run_stage
+
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN, encoding="utf-8")
+    work, plan = tmp_path / "work", Plan()
+    work.mkdir()
+    done = Progress(work, plan)
+    name, config, steps, lr, extra = plan.stages[0]
+    data = {"folder": work / "data", "shards": []}
+    stage = (REPO, work, name, config, steps, lr, extra, work / "start", data, plan, script, done, quiet)
+    with pytest.raises(subprocess.CalledProcessError):
+        _run_stage(*stage)
+    resumed = Progress(work, plan)  # the build's next run reads what the first one left
+    earlier = resumed.done[f"{name} (cut off)"]["seconds"]
+    _run_stage(*stage[:-2], resumed, quiet)
+    first, second = (work / "calls.txt").read_text(encoding="utf-8").splitlines()
+    assert "--resume_from_checkpoint" not in first and "--resume_from_checkpoint latest" in second
+    assert f"--checkpointing_steps {plan.checkpointing_steps}" in first and "--checkpoints_total_limit 1" in first
+    assert f"{name} (cut off)" not in resumed.done and resumed.done[name]["seconds"] >= earlier > 0
+    assert "--resume_from_checkpoint" not in resumed.done[name]["command"]  # the log shows the plan's command
