@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from jsd.loading import load_components, load_scheduler
-from jsd.training.step import diffusion_loss, tokenize
+from jsd.training.step import LatentCache, diffusion_loss, tokenize
 
 SEED = 7
 GAMMA = 0.001
@@ -132,3 +132,27 @@ def test_the_trainer_weights_its_loss_by_snr_gamma(parts):
         expected = loss_of(parts, components["noise_scheduler"], GAMMA, generator).item()
     assert weighted == pytest.approx(expected, rel=1e-5)
     assert abs(weighted - plain) > 1e-3 * plain
+
+
+def test_the_latent_cache_draws_the_same_latents_and_encodes_each_picture_once(parts):
+    """``--cache_latents``' cache: a picture seen again is not encoded again, and the latents sampled from the
+    cached posterior with a generator are those the VAE's own posterior gives with the same generator."""
+    components, pixels, _, _ = parts
+    vae = components["vae"]
+    calls = []
+    cache = LatentCache(vae)
+    encode = vae.encode
+    vae.encode = lambda x, *a, **k: calls.append(len(x)) or encode(x, *a, **k)
+    try:
+        first = cache.posterior(pixels[:1]).sample(generator=torch.Generator().manual_seed(SEED))
+        both = cache.posterior(pixels).sample(generator=torch.Generator().manual_seed(SEED))
+        again = cache.posterior(pixels.flip(0)).sample(generator=torch.Generator().manual_seed(SEED))
+    finally:
+        del vae.encode
+    assert calls == [1, 1] and len(cache) == 2  # the second picture once, the first never again
+    with torch.no_grad():
+        direct = vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(SEED))
+        flipped = vae.encode(pixels.flip(0)).latent_dist.sample(generator=torch.Generator().manual_seed(SEED))
+    torch.testing.assert_close(both, direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, flipped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first, direct[:1], rtol=1e-5, atol=1e-6)

@@ -161,6 +161,37 @@ def test_stage1_trains_only_the_text_encoder(tmp_path, tiny_checkpoint, fresh_ac
     assert {p.dtype for c in ("text_encoder", "unet", "vae") for p in components[c].parameters()} == {torch.float32}
 
 
+def test_cached_latents_learn_what_encoding_every_step_learns_with_each_picture_encoded_once(
+    tmp_path, tiny_checkpoint, fresh_accelerate, monkeypatch
+):
+    """``--cache_latents``: each of the 8 pictures goes through the VAE once instead of at every step, and every
+    step's loss is the one without the cache (the posterior is still sampled with the run's generator)."""
+    from diffusers import AutoencoderKL
+
+    from jsd.toyworld.build import read_losses
+
+    data = image_folder(tmp_path / "data")
+    encoded = []
+    encode = AutoencoderKL.encode
+
+    def counting(self, pixels, *args, **kwargs):
+        encoded.append(len(pixels))
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    common = ["--stage", "2", "--train_data_dir", str(data), "--max_train_steps", "8", "--checkpointing_steps", "8"]
+    plain = run_in_process(tmp_path / "plain", tiny_checkpoint, *common)
+    assert sum(encoded) == 16  # 8 steps of 2 pictures: two passes over the 8
+    encoded.clear()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    cached = run_in_process(tmp_path / "cached", tiny_checkpoint, *common, "--cache_latents")
+    assert sum(encoded) == 8
+    losses = read_losses(plain.with_name("out-run"))
+    assert len(losses) == 8 and len(set(losses)) > 1
+    assert read_losses(cached.with_name("out-run")) == pytest.approx(losses, rel=1e-4)
+
+
 def test_stage1_from_scratch_reinitialises_the_text_encoder(tiny_checkpoint):
     from jsd.training.models import load_training_components
 

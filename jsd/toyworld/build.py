@@ -75,9 +75,15 @@ class Plan:
         default_factory=lambda: [
             # the caption's layout (which word puts the shape where) is learnt in a sudden jump, measured between
             # 1,800 and 3,600 steps of 32 (docs/toy-world.md): the base stage plans for the late case
-            ("base", "configs/train/stage2.json", 4800, 1e-3, ["--no-use_ema"]),
+            ("base", "configs/train/stage2.json", 4800, 1e-3, ["--no-use_ema", "--cache_latents"]),
             # a decaying learning rate took shape from 58 % to 71 % in 600 steps; its EMA (0.99) read 67 %
-            ("stage2", "configs/train/stage2.json", 600, 3e-4, ["--no-use_ema", "--lr_scheduler", "cosine"]),
+            (
+                "stage2",
+                "configs/train/stage2.json",
+                600,
+                3e-4,
+                ["--no-use_ema", "--lr_scheduler", "cosine", "--cache_latents"],
+            ),
         ]
     )
     train_batch_size: int = 32  # a batch of 8 holds too few high-noise samples: the caption is lost (measured)

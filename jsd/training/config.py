@@ -68,6 +68,11 @@ class TrainConfig:
     random_flip: bool = opt(False, "Flip images horizontally at random (deterministic per seed, epoch and image).")
     caption_dropout: float = opt(0.1, "Probability of replacing a caption by '' (trains the unconditional branch).")
     dataloader_num_workers: int = opt(0, "Processes that read and decode images (0: the training process).")
+    cache_latents: bool = opt(
+        False,
+        "Encode each picture (and each flip of it) with the VAE once, the first time it is drawn, and keep its "
+        "latent distribution in memory: faster steps for a dataset that fits (diffusers' --cache_latents).",
+    )
     # --- Japanese CLIP (jsd.clip_filter, jsd.training.clip_score): the data filter and validation scores
     min_clip_score: float | None = opt(
         None,

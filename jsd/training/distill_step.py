@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
 
-from jsd.training.step import _dtype
+from jsd.training.step import LatentCache, _dtype, posterior
 
 
 class DDIMSolver:
@@ -107,6 +107,7 @@ def distillation_loss(
     loss_type: str,
     huber_c: float,
     timestep_scaling: float,
+    latent_cache: LatentCache | None = None,
 ) -> torch.Tensor:
     """The consistency distillation loss of one batch (steps in the module docstring).
 
@@ -115,8 +116,8 @@ def distillation_loss(
     passes, and it gives the target, both without a graph. The VAE and text encoder are frozen.
     """
     with torch.no_grad():
-        posterior = vae.encode(pixel_values.to(_dtype(vae))).latent_dist
-        latents = (posterior.sample(generator=generator) * vae.config.scaling_factor).float()
+        latents = posterior(vae, pixel_values, latent_cache).sample(generator=generator) * vae.config.scaling_factor
+        latents = latents.float()
         cond = text_encoder(input_ids, return_dict=False)[0]
         uncond = text_encoder(uncond_ids, return_dict=False)[0]
     device, bsz = latents.device, latents.shape[0]

@@ -37,7 +37,7 @@ from jsd.training import adapters, checkpointing, clip_score, distill_step
 from jsd.training.config import DistillConfig, TrainConfig
 from jsd.training.data import BadRecords, Position, RecordStream, make_dataloader, make_source
 from jsd.training.models import freeze_for_stage, load_training_components
-from jsd.training.step import diffusion_loss, drop_captions, tokenize
+from jsd.training.step import LatentCache, diffusion_loss, drop_captions, tokenize
 
 logger = get_logger(__name__)
 # Settings that decide what the data stream, the loss and the trained model are: a resumed run must
@@ -153,6 +153,7 @@ def train(config: TrainConfig, *, names: clip_score.UserNames = clip_score.SCRIP
     optimizer, lr_scheduler = prepared[len(trained) :]
     components |= trained
     emas = make_emas(accelerator, trained, config)
+    components["latent_cache"] = LatentCache(components["vae"]) if config.cache_latents else None
     if isinstance(config, DistillConfig):  # the DDIM solver's grid, and the UNet whose LoRA the teacher switches off
         components["solver"] = distill_step.make_solver(components["noise_scheduler"], config.num_ddim_timesteps).to(
             accelerator.device
@@ -399,6 +400,7 @@ def batch_loss(accelerator, config, components, batch, generator) -> torch.Tenso
             loss_type=config.loss_type,
             huber_c=config.huber_c,
             timestep_scaling=config.timestep_scaling_factor,
+            latent_cache=components.get("latent_cache"),
         )
     return diffusion_loss(
         unet=components["unet"],
@@ -409,6 +411,7 @@ def batch_loss(accelerator, config, components, batch, generator) -> torch.Tenso
         input_ids=input_ids,
         generator=generator,
         snr_gamma=config.snr_gamma,
+        latent_cache=components.get("latent_cache"),
     )
 
 
