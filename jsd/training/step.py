@@ -36,7 +36,7 @@ class LatentCache:
     As diffusers' ``--cache_latents`` (train_dreambooth_lora_sdxl.py): each picture, and each flip of it, is
     encoded once per run instead of at every step. Its posterior is still sampled with the run's generator at
     every step, so a run draws the same latents with the cache as without it. Kept on the VAE's device:
-    ``2 × latent_channels × (resolution / 8)²`` numbers per picture (16 KB at 128 px, 130 KB at 512 px in fp32).
+    ``2 × latent_channels × (resolution / 8)²`` numbers per picture (8 KB at 128 px, 130 KB at 512 px in fp32).
     """
 
     def __init__(self, vae: AutoencoderKL):
