@@ -285,15 +285,20 @@ def train_vae(
         recon = vae.decode(latents).sample
         error = recon - batch
         loss = (weight * (error.abs() + error**2)).mean() + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        _learn(vae, loss, optimizer, schedule)
         log.append({"stage": "vae", "step": step, "loss": round(loss.item(), 6)})
         if step % 25 == 0 or step == plan.vae_steps:
             progress(f"vae step {step}/{plan.vae_steps} loss {loss.item():.4f}")
     return set_scaling_factor(vae.eval(), pixels, progress, name="vae")
+
+
+def _learn(vae: AutoencoderKL, loss: torch.Tensor, optimizer, schedule) -> None:
+    """One optimizer step of a VAE: gradients clipped to norm 1, then the learning rate's schedule."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
 
 
 def set_scaling_factor(vae: AutoencoderKL, pixels: torch.Tensor, progress=print, *, name: str) -> AutoencoderKL:
@@ -344,11 +349,7 @@ def distill_vae8(data_dir: Path, teacher: AutoencoderKL, plan: Plan, log: list[d
         error = vae.decode(targets[index]).sample - batch
         drawn = (reconstruction_weight(batch, plan.vae_shape_weight) * (error.abs() + error**2)).mean()
         loss = encoded + drawn
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        _learn(vae, loss, optimizer, schedule)
         log.append({"stage": "vae8", "step": step, "loss": round(loss.item(), 6)})
         if step % 25 == 0 or step == plan.vae8_steps:
             progress(f"vae8 step {step}/{plan.vae8_steps} loss {loss.item():.4f} (encoder {encoded.item():.4f})")
